@@ -1,0 +1,134 @@
+"""`python -m gpu_worker`: the commands a compute task runs.
+
+Exit status: 0 success, 2 bad input (one line on stderr saying what and how to fix it), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+
+from gpu_worker.errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _seconds(text: str) -> Fraction:
+    """Seconds as an exact fraction: '12.48' must mean 1248/100, not the nearest binary float."""
+    try:
+        value = Fraction(Decimal(text))
+    except (InvalidOperation, ValueError):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seconds must not be negative: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stylize", help="stylize the frames of SOURCE in [start, end) into OUTPUT (H.264 MP4)")
+    s.add_argument("source", help="video file path or http(s) URL")
+    s.add_argument("output", type=Path, help="output .mp4 path (written atomically)")
+    s.add_argument("-s", "--style", required=True, help="7, 3:0.5,12:0.5, or a style image path/URL")
+    s.add_argument("--strength", default="1.0", help="0 (original) to 1 (fully stylized); default 1")
+    s.add_argument("--preserve-color", action="store_true", help="keep the original colours")
+    s.add_argument("--start", type=_seconds, default=Fraction(0), help="range start in seconds (inclusive)")
+    s.add_argument("--end", type=_seconds, default=None, help="range end in seconds (exclusive); default: end")
+    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    s.add_argument("--preset", default=os.environ.get("WORKER_X264_PRESET", "veryfast"), help="x264 preset")
+    s.add_argument("--crf", type=int, default=int(os.environ.get("WORKER_X264_CRF", "18")), help="x264 CRF")
+    s.add_argument("--scorer", choices=("style", "identity"), default="style", help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+
+    p = sub.add_parser("probe", help="print what the pipeline needs to know about a video, as JSON")
+    p.add_argument("source")
+
+    t = sub.add_parser("stitch", help="join segments by stream copy and add the source's audio")
+    t.add_argument("output", type=Path)
+    t.add_argument("segments", nargs="+", help="segment files in order")
+    t.add_argument("--audio-from", default=None, help="video whose first audio track to add")
+    t.add_argument("--json", action="store_true")
+
+    sub.add_parser("prepare-weights", help="convert the shipped networks to torch once (image build time)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("WORKER_DEBUG"):
+            raise
+        return EXIT_INTERNAL
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "probe":
+        from gpu_worker.media import probe
+
+        print(json.dumps(probe(args.source).to_dict()))
+    elif args.command == "stitch":
+        from gpu_worker.stitch import stitch
+
+        result = stitch(args.segments, args.output, args.audio_from)
+        _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames, audio {result.audio}")
+    elif args.command == "prepare-weights":
+        from gpu_worker.weights import prepare_all
+
+        for path in prepare_all():
+            print(path)
+    else:
+        return _stylize(args)
+    return EXIT_OK
+
+
+def _stylize(args: argparse.Namespace) -> int:
+    from gpu_worker.runner import EncoderOptions, run_range
+    from gpu_worker.style_spec import parse_style
+
+    if args.end is not None and args.end <= args.start:
+        raise InputError(f"bad range: --end ({args.end}) must be after --start ({args.start})", field="range")
+    spec = parse_style(args.style, args.strength, args.preserve_color)
+    if args.scorer == "identity":
+        from gpu_worker.scoring import IdentityScorer
+
+        scorer = IdentityScorer()
+    else:
+        from gpu_worker.scoring import StyleScorer
+
+        scorer = StyleScorer(spec, device=args.device)
+    last = [0.0]
+
+    def progress(frames: int) -> None:
+        if not args.json and sys.stderr.isatty() and time.monotonic() - last[0] > 0.5:
+            last[0] = time.monotonic()
+            print(f"\r{frames} frames", end="", file=sys.stderr, flush=True)
+
+    result = run_range(args.source, args.output, scorer, args.start, args.end,
+                       encoder=EncoderOptions(preset=args.preset, crf=args.crf), progress=progress)
+    _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
+                                  f"({result.fps:.2f} fps on {result.device})")
+    return EXIT_OK
+
+
+def _emit(args: argparse.Namespace, payload: dict, line: str) -> None:
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(line, file=sys.stderr)

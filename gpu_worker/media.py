@@ -1,0 +1,299 @@
+"""Video I/O on PyAV: open sources safely, probe them, decode an exact half-open time range, encode.
+
+Timestamps are never re-derived from a frame rate: every output frame keeps its source pts in the
+source stream's time base, so segments cut at any instants concatenate back to the source's exact
+frames and timestamps (B-frames, variable frame rate and all).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from urllib.parse import urlparse
+
+import av
+import numpy as np
+
+from gpu_worker.errors import InputError
+
+# Demuxers we accept. Anything that can make ffmpeg open further resources (hls, dash, concat, image
+# sequences, tee, …) is absent, so a playlist or concat list is refused before it is followed.
+ALLOWED_FORMATS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,asf,mxf,ogg,mpeg,nut,ivf,yuv4mpegpipe,gif,"
+    "h264,hevc,m4v"
+)
+FILE_PROTOCOLS = "file"
+URL_PROTOCOLS = "http,https,tls,tcp"
+MAX_SIDE = 8192  # larger frames are refused: no style network can run them and they are usually abuse
+
+# AVColorSpace codes → swscale matrix names; unspecified sources get the usual guess by height.
+_MATRIX_BY_COLORSPACE = {1: "itu709", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+_COLORSPACE_CODE = {"itu709": 1, "itu601": 6, "smpte170m": 6, "smpte240m": 7, "bt2020": 9}
+
+
+def is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https")
+
+
+def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> av.container.InputContainer:
+    """Open a local path or http(s) URL for reading, with protocol and demuxer whitelists.
+
+    Raises :class:`InputError` with a one-line reason for anything that is not a readable video.
+    """
+    options = {"format_whitelist": ALLOWED_FORMATS}
+    if is_url(source):
+        options["protocol_whitelist"] = URL_PROTOCOLS
+        options["reconnect"] = "1"
+        if http_headers:
+            options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in http_headers.items())
+        name = urlparse(source)._replace(query="").geturl()  # never echo query strings (tokens)
+    else:
+        if "://" in source or source.startswith(("concat:", "subfile,", "pipe:", "data:")):
+            raise InputError(f"unsupported source {source.split(':', 1)[0]!r}: give a file path or an "
+                             "http(s) URL")
+        path = Path(source)
+        name = path.name
+        if not path.exists():
+            raise InputError(f"no such file: {source}")
+        if not path.is_file():
+            raise InputError(f"not a file: {source}")
+        if path.stat().st_size == 0:
+            raise InputError(f"{name} is empty")
+        options["protocol_whitelist"] = FILE_PROTOCOLS
+        source = str(path.resolve())
+    try:
+        container = av.open(source, mode="r", options=options, timeout=(30.0, 60.0))
+    except av.error.HTTPError as exc:
+        raise InputError(f"cannot download {name}: {exc.strerror}") from None
+    except (av.error.FileNotFoundError, av.error.PermissionError) as exc:
+        raise InputError(f"cannot read {name}: {exc.strerror}") from None
+    except av.error.ValueError:
+        # the demuxer whitelist rejects playlists, concat lists and other indirections with EINVAL
+        raise InputError(f"{name} is not a video file this service accepts (playlists, concat lists and "
+                         "image sequences are refused)") from None
+    except (av.error.FFmpegError, OSError) as exc:
+        raise InputError(f"{name} is not a readable video ({getattr(exc, 'strerror', exc)})") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{name} has no video stream")
+    container.streams.video[0].thread_type = "AUTO"  # frame threads: decode keeps pace with the GPU
+    return container
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What planning and stitching need to know about a source (JSON-friendly)."""
+
+    width: int
+    height: int
+    display_width: int
+    display_height: int
+    rotation: int
+    sample_aspect_ratio: str
+    time_base: str
+    start_seconds: float
+    duration_seconds: float | None
+    frame_rate: float | None
+    frames: int | None
+    codec: str
+    pixel_format: str | None
+    audio_codec: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoInfo:
+    """Read a source's headers and its first frame (for rotation and to prove it decodes)."""
+    with open_source(source, http_headers) as container:
+        stream = container.streams.video[0]
+        first = first_frame(container, stream, source)
+        tb = stream.time_base
+        start = stream.start_time if stream.start_time is not None else (first.pts or 0)
+        duration = None
+        if stream.duration:
+            duration = float(stream.duration * tb)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        sar = _sample_aspect(stream)
+        rotation = first.rotation % 360
+        dw, dh = display_size(first.width, first.height, sar, rotation)
+        audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
+        return VideoInfo(
+            width=first.width, height=first.height, display_width=dw, display_height=dh, rotation=rotation,
+            sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}", time_base=str(tb),
+            start_seconds=float(start * tb), duration_seconds=duration,
+            frame_rate=float(rate) if rate else None, frames=stream.frames or None,
+            codec=stream.codec_context.name, pixel_format=first.format.name, audio_codec=audio,
+        )
+
+
+def first_frame(container: av.container.InputContainer, stream: av.VideoStream, name: str) -> av.VideoFrame:
+    """Decode the first frame, turning every decoder failure into an :class:`InputError`."""
+    try:
+        for frame in container.decode(stream):
+            check_size(frame.width, frame.height, name)
+            return frame
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{Path(name).name} cannot be decoded ({exc.strerror})") from None
+    raise InputError(f"{Path(name).name} has no decodable video frames (empty or truncated)")
+
+
+def check_size(width: int, height: int, name: str) -> None:
+    if max(width, height) > MAX_SIDE or min(width, height) < 2:
+        raise InputError(f"{Path(name).name} is {width}x{height}: frames must be 2 to {MAX_SIDE} pixels a side")
+
+
+def _sample_aspect(stream: av.VideoStream) -> Fraction:
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:
+    """The size a player shows: SAR applied to the width, then the rotation."""
+    dw = round(width * sar)
+    return (height, dw) if rotation % 180 == 90 else (dw, height)
+
+
+def range_pts(start: Fraction, end: Fraction | None, time_base: Fraction) -> tuple[int, int | None]:
+    """Integer pts bounds of the half-open range: a frame belongs iff lo <= pts < hi.
+
+    pts*tb >= start  ⇔  pts >= ceil(start/tb), and pts*tb < end ⇔ pts < ceil(end/tb), so neighbouring
+    ranges share no frame and miss none, whatever the frame rate.
+    """
+    lo = math.ceil(start / time_base)
+    return lo, (math.ceil(end / time_base) if end is not None else None)
+
+
+def decode_range(
+    container: av.container.InputContainer, stream: av.VideoStream, start: Fraction, end: Fraction | None
+) -> Iterator[av.VideoFrame]:
+    """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start."""
+    lo, hi = range_pts(start, end, stream.time_base)
+    frames = _seek_before(container, stream, lo)
+    try:
+        for frame in frames:
+            if frame.pts is None:
+                raise InputError("the video has frames without timestamps; remux it (e.g. to MP4) first")
+            if hi is not None and frame.pts >= hi:
+                return
+            if frame.pts >= lo:
+                yield frame
+    except av.error.FFmpegError as exc:
+        raise InputError(f"the video cannot be decoded past this point ({exc.strerror})") from None
+
+
+def _seek_before(container: av.container.InputContainer, stream: av.VideoStream, lo: int) -> Iterator[av.VideoFrame]:
+    """Frames from a keyframe at or before pts ``lo``.
+
+    Some indexes point past the wanted keyframe, and some demuxers (MPEG-TS) cannot seek to their very
+    first timestamp; step the target back until the first decoded frame is at or before ``lo``, and
+    rewind to the start of the file when the target reaches the start of the stream.
+    """
+    stream_start = stream.start_time or 0
+    step = max(1, int(1 / stream.time_base))  # one second in ticks
+    target = lo
+    while True:
+        at_start = target <= stream_start
+        if at_start:
+            container.seek(0, backward=True, any_frame=False)  # file start, in AV_TIME_BASE units
+        else:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        frames = container.decode(stream)
+        try:
+            first = next(frames, None)
+        except RuntimeError:  # PyAV's generator ends this way after a seek past the last packet
+            first = None
+        if at_start or (first is not None and first.pts is not None and first.pts <= lo):
+            if first is not None:
+                yield first
+            yield from frames
+            return
+        target = max(stream_start, target - step)
+        step *= 2
+
+
+def rgb_matrix(frame: av.VideoFrame) -> str:
+    """The YUV↔RGB matrix for a frame: its tag, else BT.709 for HD and BT.601 below."""
+    return _MATRIX_BY_COLORSPACE.get(frame.colorspace, "itu709" if frame.height >= 720 else "itu601")
+
+
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """HxWx3 uint8 RGB as displayed: the right matrix and range, and the rotation applied."""
+    rgb = frame.to_ndarray(
+        format="rgb24", src_colorspace=rgb_matrix(frame), dst_colorspace=rgb_matrix(frame),
+        src_color_range=frame.color_range or 1, dst_color_range=2,
+    )
+    turns = (frame.rotation % 360) // 90
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+class SegmentWriter:
+    """Encode RGB frames with their source pts into H.264 yuv420p MP4, written atomically.
+
+    Frames go to a hidden temporary file beside ``path``; :meth:`commit` renames it into place and
+    :meth:`abort` (or leaving the ``with`` block by an exception) deletes it, so a failed run leaves
+    nothing at ``path``. The first frame is an IDR frame, as every fresh x264 stream starts with one.
+    """
+
+    def __init__(
+        self, path: Path, *, width: int, height: int, time_base: Fraction, sample_aspect_ratio: Fraction,
+        frame_rate: Fraction | None, matrix: str, preset: str = "veryfast", crf: int = 18,
+        threads: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
+        # 4:2:0 needs even sides: scale to the next even size and fold the change into the SAR, so the
+        # display size is exactly the source's.
+        self.width, self.height = width + width % 2, height + height % 2
+        sar = sample_aspect_ratio * Fraction(width * self.height, height * self.width)
+        self.frames = 0
+        self._container = av.open(str(self.tmp), mode="w", format="mp4")
+        stream = self._container.add_stream("libx264", rate=frame_rate or None)
+        stream.time_base = time_base
+        ctx = stream.codec_context
+        ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
+        ctx.time_base = time_base
+        ctx.sample_aspect_ratio = sar.limit_denominator(65535)
+        ctx.colorspace = _COLORSPACE_CODE.get(matrix, 1)
+        ctx.color_primaries = ctx.color_trc = {"itu709": 1, "bt2020": 9}.get(matrix, 6)
+        ctx.color_range = 1  # limited (tv) range, what players expect from H.264
+        ctx.thread_count = threads
+        ctx.options = {"preset": preset, "crf": str(crf)}
+        self._stream = stream
+        self._matrix = matrix
+
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame = frame.reformat(
+            width=self.width, height=self.height, format="yuv420p",
+            src_colorspace=self._matrix, dst_colorspace=self._matrix, src_color_range=2, dst_color_range=1,
+        )
+        frame.pts = pts
+        self._container.mux(self._stream.encode(frame))
+        self.frames += 1
+
+    def commit(self) -> None:
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        with suppress(Exception):
+            self._container.close()
+        with suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,226 @@
+"""Score one time range of a video: decode → batch → score → encode, overlapped through bounded queues.
+
+Model-agnostic: anything with the :class:`Scorer` shape plugs in. Decoding and encoding run on their
+own threads (PyAV releases the GIL in ffmpeg), so on a GPU node the network never waits for the CPU
+codecs unless they are the bottleneck, and memory stays bounded by the queue sizes whatever the
+length of the range.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gpu_worker import media
+from gpu_worker.errors import InputError
+
+
+class Scorer(Protocol):
+    """A batch model over video frames: uint8 RGB [N,H,W,3] in, uint8 RGB of the same shape out."""
+
+    name: str
+    device: str
+
+    def batch_size(self, height: int, width: int) -> int:
+        """How many frames of this size one :meth:`score` call should take (fits memory)."""
+        ...
+
+    def score(self, frames: np.ndarray) -> np.ndarray: ...
+
+    def peak_device_memory_mb(self) -> float | None: ...
+
+
+@dataclass
+class RangeResult:
+    output: str
+    frames: int
+    seconds: float
+    fps: float
+    device: str
+    scorer: str
+    batch_size: int
+    decode_seconds: float
+    score_seconds: float
+    encode_seconds: float
+    peak_rss_mb: float
+    peak_device_memory_mb: float | None
+    first_pts_seconds: float | None
+    last_pts_seconds: float | None
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    preset: str = "veryfast"
+    crf: int = 18
+    threads: int = 0
+
+
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def run_range(
+    source: str,
+    output: Path,
+    scorer: Scorer,
+    start: Fraction = Fraction(0),
+    end: Fraction | None = None,
+    *,
+    encoder: EncoderOptions | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RangeResult:
+    """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``."""
+    if start < 0 or (end is not None and end <= start):
+        raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
+    encoder = encoder or EncoderOptions()
+    began = time.perf_counter()
+    timing = {"decode": 0.0, "score": 0.0, "encode": 0.0}
+    stop = threading.Event()
+    with media.open_source(source, http_headers) as container:
+        stream = container.streams.video[0]
+        probe_frame = media.first_frame(container, stream, source)
+        height, width = probe_frame.height, probe_frame.width
+        matrix = media.rgb_matrix(probe_frame)
+        turns = (probe_frame.rotation % 360) // 90
+        out_h, out_w = (width, height) if turns % 2 else (height, width)
+        batch = max(1, scorer.batch_size(out_h, out_w))
+        frames_in: queue.Queue = queue.Queue(maxsize=2 * batch + 2)
+        scored: queue.Queue = queue.Queue(maxsize=2)
+        writer = media.SegmentWriter(
+            output, width=out_w, height=out_h, time_base=stream.time_base,
+            sample_aspect_ratio=_stored_sar(stream, turns), frame_rate=stream.average_rate,
+            matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads,
+        )
+        pts_seen: list[int] = []
+
+        def decode() -> None:
+            try:
+                t0 = time.perf_counter()
+                for frame in media.decode_range(container, stream, start, end):
+                    if (frame.height, frame.width) != (height, width):  # mid-stream size change
+                        frame = frame.reformat(width=width, height=height)
+                    rgb = media.frame_to_rgb(frame)
+                    timing["decode"] += time.perf_counter() - t0
+                    if not _put(frames_in, (frame.pts, rgb), stop):
+                        return
+                    t0 = time.perf_counter()
+                _put(frames_in, _DONE, stop)
+            except BaseException as exc:
+                _put(frames_in, _Failed(exc), stop)
+
+        def encode() -> None:
+            try:
+                while (item := _get(scored, stop)) is not _DONE and item is not None:
+                    pts_list, images = item
+                    t0 = time.perf_counter()
+                    for pts, rgb in zip(pts_list, images, strict=True):
+                        writer.write(rgb, pts)
+                    timing["encode"] += time.perf_counter() - t0
+                    pts_seen.extend(pts_list)
+                    if progress:
+                        progress(len(pts_seen))
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=decode, daemon=True), threading.Thread(target=encode, daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            finished = False
+            while not finished:
+                pending: list = []
+                while len(pending) < batch:
+                    item = _get(frames_in, stop)
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    if item is _DONE or item is None:
+                        finished = True
+                        break
+                    pending.append(item)
+                if errors:
+                    raise errors[0]
+                if not pending:
+                    continue
+                t0 = time.perf_counter()
+                images = scorer.score(np.stack([rgb for _, rgb in pending]))
+                timing["score"] += time.perf_counter() - t0
+                if not _put(scored, ([pts for pts, _ in pending], images), stop):
+                    raise errors[0]
+            _put(scored, _DONE, stop)
+            threads[1].join()
+            if errors:
+                raise errors[0]
+            if not pts_seen:
+                raise InputError(f"no video frames in [{float(start)}, {_fmt(end)}) s of {Path(source).name}",
+                                 field="range")
+            t0 = time.perf_counter()
+            writer.commit()
+            timing["encode"] += time.perf_counter() - t0
+        except BaseException:
+            stop.set()
+            writer.abort()
+            raise
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=10)
+    seconds = time.perf_counter() - began
+    tb = stream.time_base
+    return RangeResult(
+        output=str(output), frames=len(pts_seen), seconds=seconds, fps=len(pts_seen) / seconds,
+        device=scorer.device, scorer=scorer.name, batch_size=batch,
+        decode_seconds=timing["decode"], score_seconds=timing["score"], encode_seconds=timing["encode"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device_memory_mb=scorer.peak_device_memory_mb(),
+        first_pts_seconds=float(pts_seen[0] * tb) if pts_seen else None,
+        last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
+    )
+
+
+def _stored_sar(stream, turns: int) -> Fraction:
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
+    return 1 / sar if turns % 2 else sar  # a quarter turn swaps which axis the pixels stretch
+
+
+def _fmt(end: Fraction | None) -> str:
+    return "end" if end is None else str(float(end))
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put unless the run is stopping; never blocks forever on a queue whose consumer died."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> object:
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+    return None

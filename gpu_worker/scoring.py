@@ -1,0 +1,195 @@
+"""Scorers: the models the frame pipeline runs. Style transfer is the first; the interface is generic.
+
+Each scorer takes uint8 RGB frames [N,H,W,3] and returns the same shape, so the runner never needs to
+know what the model is. Models load lazily on the first batch, and CUDA runs use fp16 in
+channels_last (normalisation statistics stay fp32 inside the networks).
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpu_worker.errors import InputError
+from gpu_worker.style_spec import StyleSpec
+
+MAX_STYLE_IMAGE_BYTES = 50 * 1024 * 1024
+STYLE_IMAGE_SIZE = 256  # the style predictor's input side
+# Rough activation bytes per pixel per frame in flight on the GPU (32 fp16 channels, several live tensors,
+# cuDNN workspace); used only to pick a batch size that leaves headroom.
+_GPU_BYTES_PER_PIXEL = 1024
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for but no CUDA GPU is available; use --device cpu",
+                         field="device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda", field="device") from None
+
+
+class IdentityScorer:
+    """Returns frames unchanged: measures the codec path alone and tests the pipeline without a model."""
+
+    name = "identity"
+    device = "cpu"
+
+    def batch_size(self, height: int, width: int) -> int:
+        return 4
+
+    def score(self, frames: np.ndarray) -> np.ndarray:
+        return frames
+
+    def peak_device_memory_mb(self) -> float | None:
+        return None
+
+
+class StyleScorer:
+    """Fast neural style transfer: 26 built-in styles and blends, or any painting as the style."""
+
+    name = "style"
+
+    def __init__(
+        self, spec: StyleSpec, device: str = "auto", max_batch: int = 16,
+        http_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.torch_device = resolve_device(device)
+        self.device = self._device_label()
+        self.max_batch = max_batch
+        self._dtype = torch.float16 if self.torch_device.type == "cuda" else torch.float32
+        self._http_headers = http_headers
+        self._net: torch.nn.Module | None = None
+        self._condition: torch.Tensor | None = None
+        if spec.image is not None:
+            self._style_image = load_style_image(spec.image, http_headers)  # fail fast on a bad image
+
+    def _device_label(self) -> str:
+        if self.torch_device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.torch_device)})"
+        return "cpu"
+
+    def batch_size(self, height: int, width: int) -> int:
+        if self.torch_device.type != "cuda":
+            return 1  # the CPU gains nothing from batching and pays in latency and memory
+        free, _ = torch.cuda.mem_get_info(self.torch_device)
+        return int(max(1, min(self.max_batch, free // 2 // (height * width * _GPU_BYTES_PER_PIXEL))))
+
+    def peak_device_memory_mb(self) -> float | None:
+        if self.torch_device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.torch_device) / 2**20
+
+    def _load(self) -> None:
+        from gpu_worker import networks, weights
+
+        if self.spec.weights is not None:
+            self._net = weights.build("multistyle26", self.torch_device, self._dtype)
+            self._condition = torch.tensor(self.spec.weights, device=self.torch_device, dtype=self._dtype)
+        else:
+            predictor = weights.build("arbitrary_predict", self.torch_device, torch.float32)
+            with torch.inference_mode():
+                vector = predictor(_image_tensor(self._style_image, self.torch_device))
+            self._net = weights.build("arbitrary_transform", self.torch_device, self._dtype)
+            self._condition = vector.to(self._dtype)
+        if self.torch_device.type == "cuda":
+            self._net = self._net.to(memory_format=torch.channels_last)
+        elif hasattr(networks, "optimize_for_cpu"):
+            self._net = networks.optimize_for_cpu(self._net)
+
+    @torch.inference_mode()
+    def score(self, frames: np.ndarray) -> np.ndarray:
+        if self._net is None:
+            self._load()
+        try:
+            return self._score(frames)
+        except torch.cuda.OutOfMemoryError:
+            if len(frames) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.max_batch = max(1, len(frames) // 2)  # remember: later batches start smaller
+            half = len(frames) // 2
+            return np.concatenate([self.score(frames[:half]), self.score(frames[half:])])
+
+    def _score(self, frames: np.ndarray) -> np.ndarray:
+        pinned = torch.from_numpy(frames)
+        if self.torch_device.type == "cuda":
+            pinned = pinned.pin_memory()
+        x = pinned.to(self.torch_device, non_blocking=True).permute(0, 3, 1, 2).to(self._dtype).div_(255)
+        if self.torch_device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        condition = self._condition
+        if condition is not None and condition.dim() == 2:
+            condition = condition.expand(len(frames), -1)
+        y = self._net(x, condition)
+        if self.spec.preserve_color:
+            y = keep_colour(y, x)
+        if self.spec.strength < 1.0:
+            y = torch.lerp(x, y, self.spec.strength)
+        out = y.clamp_(0, 1).mul_(255).add_(0.5).to(torch.uint8).permute(0, 2, 3, 1)
+        return out.contiguous().cpu().numpy()
+
+
+def keep_colour(stylized: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Stylized luminance with the original's chroma (full-range BT.601 YCbCr, as JPEG and PIL use)."""
+    r, g, b = stylized.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    r0, g0, b0 = original.unbind(1)
+    cb = -0.168736 * r0 - 0.331264 * g0 + 0.5 * b0
+    cr = 0.5 * r0 - 0.418688 * g0 - 0.081312 * b0
+    return torch.stack((y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb), dim=1)
+
+
+def load_style_image(ref: str, http_headers: Mapping[str, str] | None = None):
+    """A style image from a path or an http(s) URL, as an RGB PIL image (alpha flattened on white)."""
+    from PIL import Image, ImageOps
+
+    name = Path(ref.split("?", 1)[0]).name
+    try:
+        if ref.startswith(("http://", "https://")):
+            request = urllib.request.Request(ref, headers=dict(http_headers or {}))
+            with urllib.request.urlopen(request, timeout=60) as response:
+                data = response.read(MAX_STYLE_IMAGE_BYTES + 1)
+        else:
+            data = Path(ref).read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"style image not found: {ref}", field="style") from None
+    except OSError as exc:
+        raise InputError(f"cannot read style image {name}: {getattr(exc, 'reason', exc)}", field="style") from None
+    if len(data) > MAX_STYLE_IMAGE_BYTES:
+        raise InputError(f"style image {name} is larger than {MAX_STYLE_IMAGE_BYTES >> 20} MB", field="style")
+    try:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        image.load()
+    except (OSError, Image.DecompressionBombError, SyntaxError):
+        raise InputError(f"style image {name} is not an image this service can read (use JPEG, PNG or WebP)",
+                         field="style") from None
+    if min(image.size) < 16:
+        raise InputError(f"style image {name} is {image.width}x{image.height}: at least 16 px a side, please",
+                         field="style")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
+
+
+def _image_tensor(image, device: torch.device) -> torch.Tensor:
+    """Centre square crop at the predictor's size, as a [1,3,256,256] float tensor in 0..1."""
+    from PIL import Image
+
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side)).resize(
+        (STYLE_IMAGE_SIZE, STYLE_IMAGE_SIZE), Image.LANCZOS
+    )
+    array = np.asarray(square, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device)

