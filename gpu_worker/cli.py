@@ -30,8 +30,15 @@ def _seconds(text: str) -> Fraction:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and our bad-input exit status."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m gpu_worker", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m gpu_worker", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stylize", help="stylize the frames of SOURCE in [start, end) into OUTPUT (H.264 MP4)")

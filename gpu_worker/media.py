@@ -73,8 +73,8 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> a
         raise InputError(f"cannot download {name}: {exc.strerror}") from None
     except (av.error.FileNotFoundError, av.error.PermissionError) as exc:
         raise InputError(f"cannot read {name}: {exc.strerror}") from None
-    except av.error.ValueError:
-        # the demuxer whitelist rejects playlists, concat lists and other indirections with EINVAL
+    except (av.error.InvalidDataError, av.error.ArgumentError):
+        # playlists, concat lists and other indirections fail here too: their demuxers are not whitelisted
         raise InputError(f"{name} is not a video file this service accepts (playlists, concat lists and "
                          "image sequences are refused)") from None
     except (av.error.FFmpegError, OSError) as exc:

@@ -1,0 +1,140 @@
+"""`python -m gpu_worker` as a compute task runs it: exit codes, one-line errors, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.media_helpers import FFMPEG, RangeFileServer, frame_times, make_clip, sample_clip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpu_worker", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("clip"), "bframes", seconds=2, size="64x48")
+
+
+def identity(source: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return worker("stylize", source, str(output), "-s", "1", "--scorer", "identity", *extra)
+
+
+def test_json_summary(clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seg.mp4"
+    result = identity(str(clip), out, "--start", "0.5", "--end", "1.5", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["frames"] == 25 == len(frame_times(out))
+    for key in ("seconds", "fps", "device", "decode_seconds", "score_seconds", "encode_seconds", "peak_rss_mb"):
+        assert key in summary
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d, clip: d / "missing.mp4", "no such file"),
+        (lambda d, clip: _write(d / "empty.mp4", b""), "empty.mp4 is empty"),
+        (lambda d, clip: _write(d / "notes.mp4", "just some text\n" * 50), "notes.mp4 is not"),
+        (lambda d, clip: _write(d / "cut.mp4", clip.read_bytes()[: clip.stat().st_size // 2]), "cut.mp4 is not"),
+        (lambda d, clip: d, "not a file"),
+    ],
+    ids=["missing", "empty", "text", "truncated", "directory"],
+)
+def test_unreadable_sources(make, message: str, clip: Path, tmp_path: Path) -> None:
+    source = make(tmp_path, clip)
+    out = tmp_path / "out" / "seg.mp4"
+    out.parent.mkdir()
+    assert_bad_input(identity(str(source), out), message)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path: Path) -> None:
+    audio = tmp_path / "tone.m4a"
+    subprocess.run([FFMPEG, "-loglevel", "error", "-f", "lavfi", "-i", "sine", "-t", "1", str(audio)], check=True)
+    assert_bad_input(identity(str(audio), tmp_path / "o.mp4"), "tone.m4a has no video stream")
+
+
+def test_playlists_and_concat_lists_are_refused_not_followed(clip: Path, tmp_path: Path) -> None:
+    server = RangeFileServer(tmp_path)
+    shutil.copy(clip, tmp_path / "remote.mp4")
+    try:
+        lists = {
+            "local.m3u8": f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{clip}\n#EXT-X-ENDLIST\n",
+            "remote.m3u8": f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{server.url}/remote.mp4\n#EXT-X-ENDLIST\n",
+            "list.ffconcat": f"ffconcat version 1.0\nfile '{clip}'\n",
+            "list.txt": f"file '{clip}'\n",
+        }
+        for name, text in lists.items():
+            result = identity(str(_write(tmp_path / name, text)), tmp_path / "o.mp4")
+            assert result.returncode == 2, (name, result.stderr)
+            assert "not a video file this service accepts" in result.stderr
+        served_playlist = identity(f"{server.url}/remote.m3u8", tmp_path / "o.mp4")
+        assert served_playlist.returncode == 2
+    finally:
+        server.close()
+    assert server.bytes_sent == len(lists["remote.m3u8"])  # the playlist itself, never the file it names
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("source", ["file:///etc/passwd", "concat:a.mp4|b.mp4", "ftp://example.org/a.mp4"])
+def test_other_protocols_are_refused(source: str, tmp_path: Path) -> None:
+    assert_bad_input(identity(source, tmp_path / "o.mp4"), "unsupported source")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--start", "2", "--end", "1"], "bad range"),
+        (["--start", "-1"], "must not be negative"),
+        (["--start", "abc"], "not a number of seconds"),
+        (["--start", "50"], "no video frames in [50.0, end)"),
+    ],
+)
+def test_bad_ranges(args: list[str], message: str, clip: Path, tmp_path: Path) -> None:
+    assert_bad_input(identity(str(clip), tmp_path / "o.mp4", *args), message)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    ("style", "message"),
+    [("26", "style 26 does not exist"), ("3:x", "weight of style 3 must be a number"),
+     ("nope.jpg", "style image not found: nope.jpg")],
+)
+def test_bad_styles(style: str, message: str, clip: Path, tmp_path: Path) -> None:
+    result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", style)
+    assert_bad_input(result, message)
+
+
+def test_style_image_that_is_not_an_image(clip: Path, tmp_path: Path) -> None:
+    fake = _write(tmp_path / "painting.png", "<html>not an image</html>")
+    result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", str(fake))
+    assert_bad_input(result, "style image painting.png is not an image")
+
+
+def test_probe_prints_json() -> None:
+    result = worker("probe", str(sample_clip("carphone_pristine.mp4")))
+    info = json.loads(result.stdout)
+    assert (info["width"], info["height"], info["sample_aspect_ratio"]) == (176, 144, "128:117")
+    assert info["display_width"] == round(176 * 128 / 117)
