@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--style", required=True, help="7, 3:0.5,12:0.5, or a style image path/URL")
     s.add_argument("--strength", default="1.0", help="0 (original) to 1 (fully stylized); default 1")
     s.add_argument("--preserve-color", action="store_true", help="keep the original colours")
+    s.add_argument("--max-size", type=int, default=0, help="scale so the longer side is at most this (0: keep)")
     s.add_argument("--start", type=_seconds, default=Fraction(0), help="range start in seconds (inclusive)")
     s.add_argument("--end", type=_seconds, default=None, help="range end in seconds (exclusive); default: end")
     s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("stitch", help="join segments by stream copy and add the source's audio")
     t.add_argument("output", type=Path)
-    t.add_argument("segments", nargs="+", help="segment files in order")
+    t.add_argument("segments", nargs="*", help="segment files or URLs in order")
+    t.add_argument("--list", default=None, help="a JSON array of segment files or URLs (path or URL)")
     t.add_argument("--audio-from", default=None, help="video whose first audio track to add")
     t.add_argument("--json", action="store_true")
 
@@ -91,9 +93,12 @@ def _run(args: argparse.Namespace) -> int:
 
         print(json.dumps(probe(args.source).to_dict()))
     elif args.command == "stitch":
+        from gpu_worker.source_auth import http_headers
         from gpu_worker.stitch import stitch
 
-        result = stitch(args.segments, args.output, args.audio_from)
+        headers = http_headers()
+        segments = list(args.segments) + (_read_list(args.list, headers) if args.list else [])
+        result = stitch(segments, args.output, args.audio_from, http_headers=headers)
         _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames, audio {result.audio}")
     elif args.command == "prepare-weights":
         from gpu_worker.weights import prepare_all
@@ -105,13 +110,35 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_list(ref: str, headers: dict | None) -> list[str]:
+    import urllib.request
+
+    try:
+        if ref.startswith(("http://", "https://")):
+            with urllib.request.urlopen(urllib.request.Request(ref, headers=headers or {}), timeout=60) as response:
+                data = response.read()
+        else:
+            data = Path(ref).read_bytes()
+        items = json.loads(data)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the segment list {ref.split('?')[0]}: {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise InputError("the segment list must be a JSON array of paths or URLs")
+    return items
+
+
 def _stylize(args: argparse.Namespace) -> int:
     from gpu_worker.runner import EncoderOptions, run_range
     from gpu_worker.style_spec import parse_style
 
     if args.end is not None and args.end <= args.start:
         raise InputError(f"bad range: --end ({args.end}) must be after --start ({args.start})", field="range")
+    from gpu_worker.source_auth import http_headers
+
+    headers = http_headers()
     spec = parse_style(args.style, args.strength, args.preserve_color)
+    if args.max_size and not 16 <= args.max_size <= 8192:
+        raise InputError(f"--max-size must be 0 or 16 to 8192, got {args.max_size}", field="max_size")
     if args.scorer == "identity":
         from gpu_worker.scoring import IdentityScorer
 
@@ -119,7 +146,7 @@ def _stylize(args: argparse.Namespace) -> int:
     else:
         from gpu_worker.scoring import StyleScorer
 
-        scorer = StyleScorer(spec, device=args.device)
+        scorer = StyleScorer(spec, device=args.device, http_headers=headers)
     last = [0.0]
 
     def progress(frames: int) -> None:
@@ -128,7 +155,8 @@ def _stylize(args: argparse.Namespace) -> int:
             print(f"\r{frames} frames", end="", file=sys.stderr, flush=True)
 
     result = run_range(args.source, args.output, scorer, args.start, args.end,
-                       encoder=EncoderOptions(preset=args.preset, crf=args.crf), progress=progress)
+                       encoder=EncoderOptions(preset=args.preset, crf=args.crf), http_headers=headers,
+                       max_size=args.max_size, progress=progress)
     _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
                                   f"({result.fps:.2f} fps on {result.device})")
     return EXIT_OK

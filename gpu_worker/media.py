@@ -225,9 +225,11 @@ def rgb_matrix(frame: av.VideoFrame) -> str:
     return _MATRIX_BY_COLORSPACE.get(frame.colorspace, "itu709" if frame.height >= 720 else "itu601")
 
 
-def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """HxWx3 uint8 RGB as displayed: the right matrix and range, and the rotation applied."""
+def frame_to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB as displayed: scaled to width x height (stored orientation) if given, the right
+    matrix and range, and the rotation applied."""
     rgb = frame.to_ndarray(
+        width=width, height=height, interpolation="AREA" if width and width < frame.width else None,
         format="rgb24", src_colorspace=rgb_matrix(frame), dst_colorspace=rgb_matrix(frame),
         src_color_range=frame.color_range or 1, dst_color_range=2,
     )

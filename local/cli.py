@@ -1,0 +1,214 @@
+"""`stylize`: run the whole pipeline on this machine, or talk to a deployment.
+
+`stylize run` goes through exactly what runs in Azure — the Function App's HTTP API, the real Durable
+orchestrator and activities — hosted in-process by :class:`local.durable_host.LocalDurableHost`, with a
+local folder for storage and worker processes for compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stylize", description="Stylize whole videos with neural style transfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="stylize a video on this machine")
+    r.add_argument("video", type=Path)
+    r.add_argument("-s", "--style", required=True, help="0-25, a blend like 3:0.5,12:0.5, or a painting's image file")
+    r.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 (written only when complete)")
+    r.add_argument("--strength", type=float, default=1.0, help="0 (original) to 1 (fully stylized)")
+    r.add_argument("--preserve-color", action="store_true", help="keep the video's own colours")
+    r.add_argument("--max-size", type=int, default=0, help="longer side in pixels (default: full resolution)")
+    r.add_argument("--segment-seconds", type=float, default=None, help="seconds of video per worker task")
+    r.add_argument("--workers", type=int, default=1, help="worker processes at a time (default 1)")
+    r.add_argument("--work-dir", type=Path, default=None, help="where work files go (default: a temp folder)")
+    r.add_argument("--json", action="store_true", help="print one JSON summary object")
+
+    st = sub.add_parser("styles", help="list the built-in styles and write a contact sheet PNG")
+    st.add_argument("--image", type=Path, default=None, help="picture to stylize (default: a Big Buck Bunny frame)")
+    st.add_argument("-o", "--output", type=Path, default=Path("styles.png"))
+
+    su = sub.add_parser("submit", help="upload a video to a deployment's input container")
+    su.add_argument("video", type=Path)
+    su.add_argument("-s", "--style", required=True)
+    su.add_argument("--account", required=True, help="data storage account name")
+    su.add_argument("--strength", default=None)
+    su.add_argument("--preserve-color", action="store_true")
+    su.add_argument("--name", default=None, help="blob name (default: the file name)")
+
+    ss = sub.add_parser("status", help="follow a job through a deployment's status endpoint")
+    ss.add_argument("job_id")
+    ss.add_argument("--app", required=True, help="https://<function app>.azurewebsites.net")
+    ss.add_argument("--key", default=os.environ.get("STYLIZE_FUNCTION_KEY"), help="function key (or env)")
+    ss.add_argument("--once", action="store_true", help="print the status once and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gpu_worker.errors import InputError
+
+    try:
+        if args.command == "run":
+            return run(args)
+        if args.command == "styles":
+            from local.styles_sheet import write_contact_sheet
+
+            path = write_contact_sheet(args.output, args.image)
+            print(f"wrote {path}: the original and the 26 built-in styles (use -s N)", file=sys.stderr)
+            return EXIT_OK
+        from local import remote
+
+        return remote.submit(args) if args.command == "submit" else remote.follow(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpu_worker.errors import InputError
+
+    video: Path = args.video
+    if not video.is_file():
+        raise InputError(f"no such file: {video}")
+    if args.output.suffix.lower() != ".mp4":
+        raise InputError(f"output must be an .mp4 file, got {args.output.name}")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="stylize-"))
+    try:
+        return _run_job(args, work)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_job(args: argparse.Namespace, work: Path) -> int:
+    import azure.functions as func
+
+    from pipeline import runtime
+    from pipeline.settings import Settings
+
+    settings = Settings(storage="local", storage_root=work, compute="local", local_workers=max(1, args.workers),
+                        poll_seconds=0.5, **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
+    svc = runtime.configure(settings)
+    # The video and a style image are linked into the local "containers", never copied.
+    _link(args.video, work / settings.input_container / args.video.name)
+    style = args.style
+    if Path(style).suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"):
+        if not Path(style).is_file():
+            from gpu_worker.errors import InputError
+
+            raise InputError(f"style image not found: {style}")
+        _link(Path(style), work / settings.styles_container / Path(style).name)
+        style = Path(style).name
+    body = {"input": args.video.name, "style": style, "strength": args.strength,
+            "preserve_color": args.preserve_color, "max_size": args.max_size}
+    if args.segment_seconds:
+        body["segment_seconds"] = args.segment_seconds
+
+    import function_app
+    from local.durable_host import LocalDurableHost
+
+    with LocalDurableHost(function_app.app, max_workers=4) as host:
+        request = func.HttpRequest("POST", "http://localhost:7071/api/jobs", body=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+        response = host.invoke_function("create_job", req=request)
+        reply = json.loads(response.get_body())
+        if response.status_code != 202:
+            print(f"error: {reply['error']}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        job_id = reply["id"]
+        try:
+            status = _follow(host, job_id, quiet=args.json)
+        except KeyboardInterrupt:
+            host.terminate(job_id, "interrupted")
+            svc.compute.delete(job_id)
+            raise
+    if status["runtimeStatus"] != "Completed":
+        error = (status.get("customStatus") or {}).get("error")
+        error = error or {"kind": "internal", "message": str(status.get("output"))}
+        print(f"error: {error['message']}", file=sys.stderr)
+        return EXIT_BAD_INPUT if error.get("kind") == "input" else EXIT_FAILED
+    result = status["output"]
+    produced = work / settings.output_container / result["output"]
+    _move_into_place(produced, args.output)
+    summary = {"job_id": job_id, "output": str(args.output), "frames": result["frames"],
+               "segments": result["segments"], "seconds": result["seconds"],
+               "fps": round(result["frames"] / result["seconds"], 2) if result["seconds"] else None,
+               "audio": result.get("audio"), "retries": result.get("retries", 0)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {args.output}: {summary['frames']} frames in {summary['seconds']} s "
+              f"({summary['fps']} fps, {summary['segments']} segments, audio: {summary['audio'] or 'none'})",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _follow(host, job_id: str, quiet: bool) -> dict:
+    """Wait for the job, drawing a progress line from its custom status."""
+    last_line = ""
+    while True:
+        status = host.status(job_id) or {}
+        if status.get("runtimeStatus") in ("Completed", "Failed", "Terminated"):
+            if last_line:
+                print(file=sys.stderr)
+            return status
+        line = progress_line(status.get("customStatus") or {})
+        if not quiet and line != last_line:
+            print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
+            last_line = line
+        time.sleep(0.25)
+
+
+def progress_line(custom: dict) -> str:
+    stage = custom.get("stage", "queued")
+    frames = custom.get("frames") or {}
+    done, total = frames.get("done", 0), frames.get("total")
+    if not total:
+        return f"{stage}…"
+    width = 24
+    filled = round(width * min(1.0, done / total))
+    line = f"{stage:<9} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames"
+    if custom.get("fps"):
+        line += f"  {custom['fps']:.1f} fps"
+    if custom.get("eta_seconds") is not None:
+        line += f"  ETA {custom['eta_seconds']} s"
+    return line
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    target.symlink_to(source.resolve())
+
+
+def _move_into_place(produced: Path, output: Path) -> None:
+    """Atomically: a partial file next to the output, then rename, so OUT is never half-written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.copyfile(produced, partial)
+    os.replace(partial, output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`stylize submit` and `stylize status`: the two commands that talk to a deployment in Azure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from gpu_worker.errors import InputError
+from gpu_worker.style_spec import parse_style
+from pipeline.jobspec import check_blob_name, instance_id
+
+TERMINAL = {"Completed", "Failed", "Terminated"}
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Upload with the style as blob metadata (keyless: your az login); the upload trigger starts the job."""
+    from azure.identity import DefaultAzureCredential
+    from azure.storage.blob import BlobClient
+
+    if not args.video.is_file():
+        raise InputError(f"no such file: {args.video}")
+    spec = parse_style(args.style, args.strength if args.strength is not None else 1.0, args.preserve_color)
+    name = check_blob_name(args.name or args.video.name)
+    metadata = {"style": args.style, "preserve_color": str(spec.preserve_color).lower()}
+    if args.strength is not None:
+        metadata["strength"] = str(spec.strength)
+    blob = BlobClient(f"https://{args.account}.blob.core.windows.net", "input", name,
+                      credential=DefaultAzureCredential())
+    with open(args.video, "rb") as data:
+        result = blob.upload_blob(data, overwrite=True, metadata=metadata, max_concurrency=4)
+    print(instance_id("input", name, result["etag"]))
+    return 0
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Poll GET /api/jobs/{id} until the job ends, with a progress line; exit 0 only if it completed."""
+    from local.cli import progress_line
+
+    url = f"{args.app.rstrip('/')}/api/jobs/{args.job_id}"
+    if args.key:
+        url += f"?code={args.key}"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                status = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise InputError(f"status endpoint answered {exc.code}: {exc.read().decode()[:200]}") from None
+        runtime = status.get("runtime_status")
+        if args.once or runtime in TERMINAL:
+            print(json.dumps(status, indent=1))
+            return 0 if runtime == "Completed" or args.once else 1
+        print(f"\r{progress_line(status):<78}", end="", file=sys.stderr, flush=True)
+        time.sleep(5)

@@ -1,0 +1,188 @@
+"""Compute backends: where worker tasks run. `local` runs them as processes here; Azure Batch is the other.
+
+A task is a `python -m gpu_worker …` command run in its own working directory; on exit 0 the file it wrote
+there (`out.mp4`) is uploaded to the task's output blob and its JSON summary (stdout) kept. Submitting is
+idempotent by task id, so an activity retried after a partial submission creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.storage import Storage
+
+OUTPUT_FILE = "out.mp4"
+STDERR_TAIL = 800
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    args: list[str]  # arguments after `python -m gpu_worker`
+    output_container: str
+    output_name: str
+    env: dict[str, str] = field(default_factory=dict)  # non-secret settings only
+
+
+@dataclass
+class TaskState:
+    id: str
+    state: str  # pending | running | succeeded | failed
+    exit_code: int | None = None
+    error: str | None = None  # last stderr line(s) of a failed task
+    summary: dict | None = None  # the worker's --json output
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ComputeBackend(Protocol):
+    def submit(self, job_id: str, tasks: list[Task]) -> int:
+        """Queue tasks; ids already known to the job are skipped. Returns how many were new."""
+        ...
+
+    def poll(self, job_id: str) -> dict[str, TaskState]: ...
+
+    def cancel(self, job_id: str) -> None:
+        """Stop the job's running tasks and refuse new ones."""
+        ...
+
+    def delete(self, job_id: str) -> None:
+        """Forget the job and remove its scratch space (after success, failure or cancel)."""
+        ...
+
+
+class JobCanceled(RuntimeError):
+    pass
+
+
+class LocalCompute:
+    """Worker processes on this machine, ``workers`` at a time, in submission order."""
+
+    def __init__(self, storage: Storage, scratch: Path, workers: int = 1, timeout_seconds: float = 3600.0,
+                 python: str = sys.executable) -> None:
+        self.storage = storage
+        self.scratch = Path(scratch)
+        self.timeout_seconds = timeout_seconds
+        self.python = python
+        self._lock = threading.Condition()
+        self._jobs: dict[str, dict[str, TaskState]] = {}
+        self._canceled: set[str] = set()
+        self._queue: deque[tuple[str, Task]] = deque()
+        self._running: dict[tuple[str, str], subprocess.Popen] = {}
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"local-worker-{i}")
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job_id: str, tasks: list[Task]) -> int:
+        with self._lock:
+            if job_id in self._canceled:
+                raise JobCanceled(f"job {job_id} was canceled")
+            states = self._jobs.setdefault(job_id, {})
+            new = [t for t in tasks if t.id not in states]
+            for task in new:
+                states[task.id] = TaskState(task.id, "pending")
+                self._queue.append((job_id, task))
+            self._lock.notify_all()
+            return len(new)
+
+    def poll(self, job_id: str) -> dict[str, TaskState]:
+        with self._lock:
+            return {k: TaskState(**asdict(v)) for k, v in self._jobs.get(job_id, {}).items()}
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._canceled.add(job_id)
+            self._queue = deque(item for item in self._queue if item[0] != job_id)
+            procs = [p for (job, _), p in self._running.items() if job == job_id]
+        for proc in procs:
+            proc.kill()
+
+    def delete(self, job_id: str) -> None:
+        self.cancel(job_id)
+        with self._lock:
+            self._jobs.pop(job_id, None)
+        shutil.rmtree(self.scratch / job_id, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            procs = list(self._running.values())
+            self._lock.notify_all()
+        for proc in procs:
+            proc.kill()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                job_id, task = self._queue.popleft()
+                self._jobs[job_id][task.id].state = "running"
+            final = self._run(job_id, task)
+            with self._lock:
+                if job_id in self._jobs and job_id not in self._canceled:
+                    self._jobs[job_id][task.id] = final
+
+    def _run(self, job_id: str, task: Task) -> TaskState:
+        workdir = self.scratch / job_id / task.id
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1"}
+        try:
+            with self._lock:
+                if job_id in self._canceled:
+                    return TaskState(task.id, "failed", error="canceled")
+                proc = subprocess.Popen([self.python, "-m", "gpu_worker", *task.args], cwd=workdir, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                self._running[(job_id, task.id)] = proc
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout_seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                stderr += f"\ntask timed out after {self.timeout_seconds:.0f} s"
+            finally:
+                with self._lock:
+                    self._running.pop((job_id, task.id), None)
+            if proc.returncode != 0:
+                return TaskState(task.id, "failed", exit_code=proc.returncode, error=_tail(stderr, proc.returncode))
+            summary = _last_json(stdout)
+            self.storage.upload_file(workdir / OUTPUT_FILE, task.output_container, task.output_name)
+            return TaskState(task.id, "succeeded", exit_code=0, summary=summary)
+        except Exception as exc:  # an upload or spawn failure fails the task, not the host
+            return TaskState(task.id, "failed", exit_code=None, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tail(stderr: str, code: int) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if not lines:
+        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+    return "\n".join(lines[-3:])[-STDERR_TAIL:]
+
+
+def _last_json(stdout: str) -> dict | None:
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None

@@ -1,0 +1,155 @@
+"""The steps of a job, as plain functions: the activities call these, and unit tests call them directly.
+
+Everything a step needs beyond its small JSON input is in storage (`work/<job>/plan.json`) or in the
+compute backend, so orchestration history only ever carries names and counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from gpu_worker.errors import InputError
+from gpu_worker.media import probe
+from pipeline.compute import ComputeBackend, Task
+from pipeline.jobspec import JobSpec
+from pipeline.plan import plan_segments
+from pipeline.settings import Settings
+from pipeline.storage import Storage
+
+SUBMIT_CHUNK = 100  # tasks per submit activity: one Batch add-collection request
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the steps run against; built once per process from the settings (see pipeline.runtime)."""
+
+    settings: Settings
+    storage: Storage
+    compute: ComputeBackend
+
+
+def work_name(job_id: str, name: str) -> str:
+    return f"{job_id}/{name}"
+
+
+def segment_name(job_id: str, index: int) -> str:
+    return work_name(job_id, f"segments/{index:05d}.mp4")
+
+
+def segment_task_id(index: int, attempt: int) -> str:
+    return f"seg{index:05d}-a{attempt}"
+
+
+def stitch_task_id(attempt: int) -> str:
+    return f"stitch-a{attempt}"
+
+
+def prepare(job: JobSpec, svc: Services) -> dict:
+    """Check the input and style exist, probe the video, plan the segments and store the plan."""
+    s = svc.settings
+    if svc.storage.info(job.input_container, job.input_name) is None:
+        raise InputError(f"input {job.input_container}/{job.input_name} does not exist", field="input")
+    if not job.style[0].isdigit() and svc.storage.info(s.styles_container, job.style) is None:
+        raise InputError(f"style image {job.style!r} is not in the '{s.styles_container}' container",
+                         field="style")
+    info = probe(svc.storage.reader_url(job.input_container, job.input_name))
+    duration = info.duration_seconds
+    if duration is not None and duration > s.max_duration_seconds:
+        raise InputError(f"the video is {duration / 60:.0f} minutes long; the limit is "
+                         f"{s.max_duration_seconds / 60:.0f} minutes", field="input")
+    segments = plan_segments(info.start_seconds, duration, job.segment_seconds, s.max_segments)
+    frames = info.frames or (round(duration * info.frame_rate) if duration and info.frame_rate else None)
+    svc.storage.write_json(s.work_container, work_name(job.job_id, "plan.json"),
+                           {"segments": segments, "video": info.to_dict()})
+    return {"segments": len(segments), "frames_total": frames, "duration_seconds": duration,
+            "width": info.display_width, "height": info.display_height, "audio": info.audio_codec}
+
+
+def _worker_style_args(job: JobSpec, svc: Services) -> list[str]:
+    style = job.style
+    if not style[0].isdigit():
+        style = svc.storage.reader_url(svc.settings.styles_container, style)
+    args = ["--style", style, "--strength", str(job.strength)]
+    if job.preserve_color:
+        args.append("--preserve-color")
+    if job.max_size:
+        args += ["--max-size", str(job.max_size)]
+    return args
+
+
+def submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]]) -> int:
+    """Submit (segment index, attempt) pairs as worker tasks; returns how many tasks were new."""
+    s = svc.settings
+    plan = svc.storage.read_json(s.work_container, work_name(job.job_id, "plan.json"))["segments"]
+    source = svc.storage.reader_url(job.input_container, job.input_name)
+    style_args = _worker_style_args(job, svc)
+    tasks = []
+    for index, attempt in segments:
+        start, end = plan[index]
+        args = ["stylize", source, "out.mp4", *style_args, "--start", start, "--json"]
+        if end is not None:
+            args += ["--end", end]
+        tasks.append(Task(segment_task_id(index, attempt), args, s.work_container, segment_name(job.job_id, index)))
+    return svc.compute.submit(job.job_id, tasks)
+
+
+def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stitch_attempt: int | None) -> dict:
+    """Where the job's tasks stand, for the segments' current attempts (and the stitch, once submitted)."""
+    states = svc.compute.poll(job.job_id)
+    succeeded, running, frames = 0, 0, 0
+    failed = []
+    for index in range(total):
+        attempt = attempts.get(str(index), 0)
+        state = states.get(segment_task_id(index, attempt))
+        if state is None or state.state == "pending":
+            continue
+        if state.state == "running":
+            running += 1
+        elif state.state == "succeeded":
+            succeeded += 1
+            frames += int((state.summary or {}).get("frames", 0))
+        else:
+            failed.append({"segment": index, "attempt": attempt, "exit_code": state.exit_code, "error": state.error})
+    result = {"succeeded": succeeded, "running": running, "failed": failed, "frames_done": frames}
+    if stitch_attempt is not None:
+        stitch = states.get(stitch_task_id(stitch_attempt))
+        result["stitch"] = stitch.to_dict() if stitch else {"state": "pending"}
+    return result
+
+
+def submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
+    """The stitch runs as a compute task too: long ffmpeg work does not belong inside a Function."""
+    s = svc.settings
+    listing = [svc.storage.reader_url(s.work_container, segment_name(job.job_id, i)) for i in range(total)]
+    list_name = work_name(job.job_id, "segments.json")
+    svc.storage.write_json(s.work_container, list_name, listing)
+    task = Task(
+        stitch_task_id(attempt),
+        ["stitch", "out.mp4", "--list", svc.storage.reader_url(s.work_container, list_name),
+         "--audio-from", svc.storage.reader_url(job.input_container, job.input_name), "--json"],
+        s.output_container, job.output_name,
+    )
+    return svc.compute.submit(job.job_id, [task])
+
+
+def finalize(job: JobSpec, svc: Services, summary: dict) -> dict:
+    """Write the JSON manifest next to the output video."""
+    s = svc.settings
+    manifest = {
+        "job_id": job.job_id,
+        "input": f"{job.input_container}/{job.input_name}",
+        "output": f"{s.output_container}/{job.output_name}",
+        "style": job.style, "strength": job.strength, "preserve_color": job.preserve_color,
+        "max_size": job.max_size, "segment_seconds": job.segment_seconds,
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **summary,
+    }
+    svc.storage.write_json(s.output_container, job.manifest_name, manifest)
+    return manifest
+
+
+def cleanup(job: JobSpec, svc: Services) -> int:
+    """Stop the job's tasks and delete its work files; returns how many work blobs were removed."""
+    svc.compute.delete(job.job_id)
+    return svc.storage.delete_prefix(svc.settings.work_container, f"{job.job_id}/")

@@ -1,0 +1,87 @@
+"""Settings from the environment (Function App settings in Azure, the CLI's choices locally).
+
+Every knob has a default that works on one machine with no cloud: a local folder for storage and local
+worker processes for compute.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# Segment length weighs what the reference architecture weighs. Each task pays a fixed start-up (container
+# start, model load, decoder seek: ~5–15 s on a GPU node), and a failure reruns one whole segment. At about
+# 300 fps on an H100, 30 s of 30 fps video is ~3 s of scoring: long enough that start-up stays a minority,
+# short enough that a 10-minute video spreads over 20 GPUs and a retry costs seconds.
+DEFAULT_SEGMENT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    # storage: "local" (a folder) or "blob" (Azure Blob Storage / Azurite)
+    storage: str = "local"
+    storage_root: Path = Path(".stylize")
+    blob_account_url: str | None = None  # https://<account>.blob.core.windows.net, keyless
+    blob_connection_string: str | None = None  # Azurite and local development only
+    input_container: str = "input"
+    styles_container: str = "styles"
+    output_container: str = "output"
+    work_container: str = "work"
+    logs_container: str = "logs"
+    # compute: "local" (worker processes here) or "batch" (Azure Batch)
+    compute: str = "local"
+    local_workers: int = 1
+    batch_account_url: str | None = None
+    batch_pool_id: str | None = None
+    batch_worker_image: str | None = None
+    batch_pool_identity: str | None = None  # resource id of the pool's user-assigned identity
+    # jobs
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS
+    max_segments: int = 5000
+    max_attempts: int = 3
+    poll_seconds: float = 5.0
+    task_timeout_minutes: int = 60
+    max_duration_seconds: float = 4 * 3600.0
+    default_style: str = "0"
+    default_strength: float = 1.0
+    default_max_size: int = 0  # 0 keeps the source's resolution
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the app settings; names are the ones infra/ sets on the Function App."""
+        env = os.environ if env is None else env
+        base = cls()
+
+        def get(name: str, default, kind=str):
+            value = env.get(name, "")
+            return kind(value) if value != "" else default
+
+        return replace(
+            base,
+            storage=get("STYLIZE_STORAGE", base.storage),
+            storage_root=get("STYLIZE_STORAGE_ROOT", base.storage_root, Path),
+            blob_account_url=get("DATA_STORAGE_ACCOUNT_URL", None),
+            blob_connection_string=get("DATA_STORAGE_CONNECTION_STRING", None),
+            input_container=get("INPUT_CONTAINER", base.input_container),
+            styles_container=get("STYLES_CONTAINER", base.styles_container),
+            output_container=get("OUTPUT_CONTAINER", base.output_container),
+            work_container=get("WORK_CONTAINER", base.work_container),
+            logs_container=get("LOGS_CONTAINER", base.logs_container),
+            compute=get("STYLIZE_COMPUTE", base.compute),
+            local_workers=get("LOCAL_WORKERS", base.local_workers, int),
+            batch_account_url=get("BATCH_ACCOUNT_URL", None),
+            batch_pool_id=get("BATCH_POOL_ID", None),
+            batch_worker_image=get("BATCH_WORKER_IMAGE", None),
+            batch_pool_identity=get("BATCH_POOL_IDENTITY_RESOURCE_ID", None),
+            segment_seconds=get("SEGMENT_SECONDS", base.segment_seconds, float),
+            max_segments=get("MAX_SEGMENTS", base.max_segments, int),
+            max_attempts=get("MAX_ATTEMPTS", base.max_attempts, int),
+            poll_seconds=get("POLL_SECONDS", base.poll_seconds, float),
+            task_timeout_minutes=get("TASK_TIMEOUT_MINUTES", base.task_timeout_minutes, int),
+            max_duration_seconds=get("MAX_DURATION_SECONDS", base.max_duration_seconds, float),
+            default_style=get("DEFAULT_STYLE", base.default_style),
+            default_strength=get("DEFAULT_STRENGTH", base.default_strength, float),
+            default_max_size=get("DEFAULT_MAX_SIZE", base.default_max_size, int),
+        )

@@ -1,0 +1,202 @@
+"""The whole pipeline through the Function App and the real Durable SDK, hosted in-process.
+
+HTTP function → orchestrator → activities → local worker processes → stitch → output + manifest.
+Faults are real: worker processes are killed, inputs are broken files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import azure.functions as func
+import pytest
+
+import function_app
+from local.durable_host import LocalDurableHost
+from pipeline import runtime
+from pipeline.settings import Settings
+from tests.media_helpers import frame_times, make_clip_with_audio, video_stream_info
+
+
+@pytest.fixture
+def local_app(tmp_path: Path) -> Iterator[tuple[LocalDurableHost, runtime.Services]]:
+    settings = Settings(storage="local", storage_root=tmp_path / "storage", compute="local", local_workers=2,
+                        poll_seconds=0.2, segment_seconds=1.0, max_attempts=3)
+    svc = runtime.configure(settings)
+    with LocalDurableHost(function_app.app, max_workers=4) as host:
+        yield host, svc
+    svc.compute.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip_with_audio(tmp_path_factory.mktemp("clip"), "aac", ".mp4", seconds=2.4)
+
+
+def put_input(svc: runtime.Services, clip: Path, name: str = "clip.mp4") -> str:
+    target = Path(svc.storage.path("input", name))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(clip, target)
+    return name
+
+
+def call(host: LocalDurableHost, function: str, method: str = "GET", body: object = None,
+         route: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
+    request = func.HttpRequest(method, "http://localhost/api/jobs", body=data, route_params=route or {})
+    response = host.invoke_function(function, req=request)
+    return response.status_code, json.loads(response.get_body() or b"{}")
+
+
+def start(host: LocalDurableHost, **body) -> str:
+    code, reply = call(host, "create_job", "POST", body)
+    assert code == 202, reply
+    return reply["id"]
+
+
+def wait(host: LocalDurableHost, job_id: str, timeout: float = 180) -> dict:
+    return host.wait(job_id, timeout=timeout)
+
+
+def test_job_end_to_end_keeps_frames_timestamps_size_and_audio(local_app, clip: Path) -> None:
+    host, svc = local_app
+    job_id = start(host, input=put_input(svc, clip), style="7", strength=0.8)
+    status = wait(host, job_id)
+    assert status["runtimeStatus"] == "Completed", status
+    result = status["output"]
+    output = Path(svc.storage.path("output", "clip.mp4"))
+    assert frame_times(output) == frame_times(clip)  # every frame, at its own timestamp
+    assert result["frames"] == len(frame_times(clip)) and result["segments"] == 3
+    info = video_stream_info(output)
+    assert (info["width"], info["height"], info["codec"]) == (96, 64, "h264")
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+    manifest = svc.storage.read_json("output", "clip.json")
+    assert manifest["job_id"] == job_id and manifest["frames"] == result["frames"] and manifest["style"] == "7"
+    assert svc.storage.list_names("work") == []  # work files cleaned up
+    assert svc.compute.poll(job_id) == {}
+    code, view = call(host, "get_job", route={"job_id": job_id})
+    assert code == 200 and view["runtime_status"] == "Completed" and view["stage"] == "completed"
+    assert view["frames"]["done"] == result["frames"] and view["output"] == "clip.mp4"
+
+
+def test_same_request_twice_is_one_job(local_app, clip: Path) -> None:
+    host, svc = local_app
+    name = put_input(svc, clip)
+    first = start(host, input=name, style="3")
+    assert start(host, input=name, style="3") == first
+    assert start(host, input=name, style="4") != first
+    for job_id in {first}:
+        assert wait(host, job_id)["runtimeStatus"] == "Completed"
+    code, listing = call(host, "list_jobs")
+    assert code == 200 and {first} <= {j["id"] for j in listing["jobs"]}
+
+
+def test_not_a_video_fails_with_the_reason_and_leaves_nothing(local_app, tmp_path: Path) -> None:
+    host, svc = local_app
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("this is not a video\n" * 100)
+    job_id = start(host, input=put_input(svc, fake, "fake.mp4"), style="7")
+    status = wait(host, job_id)
+    assert status["runtimeStatus"] == "Failed"
+    error = status["customStatus"]["error"]
+    assert error["kind"] == "input" and "fake.mp4 is not a video file" in error["message"]
+    assert "fake.mp4 is not a video file" in status["output"]
+    assert svc.storage.list_names("output") == [] and svc.storage.list_names("work") == []
+    assert Path(svc.storage.path("input", "fake.mp4")).read_text().startswith("this is not")  # input untouched
+
+
+def kill_attempts(svc: runtime.Services, task_ids: set[str], stop: threading.Event) -> threading.Thread:
+    """Kill each listed worker process as soon as it runs (a node lost mid-segment)."""
+
+    def loop() -> None:
+        killed = set()
+        while not stop.is_set():
+            for (job, task), proc in list(svc.compute._running.items()):
+                if task in task_ids and (job, task) not in killed:
+                    time.sleep(0.3)  # let it start decoding: killed in the middle, not before
+                    proc.kill()
+                    killed.add((job, task))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_worker_is_retried_and_output_is_exact(local_app, clip: Path) -> None:
+    host, svc = local_app
+    stop = threading.Event()
+    kill_attempts(svc, {"seg00001-a0"}, stop)
+    try:
+        job_id = start(host, input=put_input(svc, clip), style="7")
+        status = wait(host, job_id)
+    finally:
+        stop.set()
+    assert status["runtimeStatus"] == "Completed", status
+    assert status["output"]["retries"] == 1
+    assert frame_times(Path(svc.storage.path("output", "clip.mp4"))) == frame_times(clip)
+
+
+def test_segment_that_always_fails_fails_the_job(local_app, clip: Path) -> None:
+    host, svc = local_app
+    stop = threading.Event()
+    kill_attempts(svc, {"seg00000-a0", "seg00000-a1", "seg00000-a2"}, stop)
+    try:
+        job_id = start(host, input=put_input(svc, clip), style="7")
+        status = wait(host, job_id)
+    finally:
+        stop.set()
+    assert status["runtimeStatus"] == "Failed"
+    message = status["customStatus"]["error"]["message"]
+    assert message == "segment 0 failed 3 times; last error: killed by signal 9"
+    assert svc.storage.list_names("output") == [] and svc.storage.list_names("work") == []
+
+
+def test_cancel_during_scoring_stops_everything(local_app, clip: Path) -> None:
+    host, svc = local_app
+    job_id = start(host, input=put_input(svc, clip), style="7")
+    deadline = time.monotonic() + 60
+    while not svc.compute._running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, reply = call(host, "cancel_job", "POST", route={"job_id": job_id})
+    assert code == 202 and reply["stage"] == "canceled"
+    assert host.status(job_id)["runtimeStatus"] == "Terminated"
+    time.sleep(1.0)
+    assert not svc.compute._running and svc.compute.poll(job_id) == {}
+    assert svc.storage.list_names("work") == [] and svc.storage.list_names("output") == []
+    code, reply = call(host, "cancel_job", "POST", route={"job_id": job_id})
+    assert code == 409 and "already Terminated" in reply["error"]
+    code, view = call(host, "get_job", route={"job_id": job_id})
+    assert view["stage"] == "canceled"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (b"{not json", "body", "must be a JSON object"),
+        ([1, 2], "body", "must be a JSON object"),
+        ({"style": "7"}, "input", "input is required"),
+        ({"input": "clip.mp4", "colour": "red"}, "colour", "unknown field 'colour'"),
+        ({"input": "clip.mp4", "style": "42"}, "style", "style 42 does not exist"),
+        ({"input": "missing.mp4"}, "input", "is not in the 'input' container"),
+        ({"input": "../secrets.mp4"}, "input", "must be a relative name"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(local_app, clip: Path, body, field: str, message: str) -> None:
+    host, svc = local_app
+    put_input(svc, clip)
+    code, reply = call(host, "create_job", "POST", body)
+    assert code == 400 and reply["field"] == field and message in reply["error"]
+
+
+def test_unknown_job_is_404(local_app) -> None:
+    host, _ = local_app
+    assert call(host, "get_job", route={"job_id": "nope"})[0] == 404
+    assert call(host, "cancel_job", "POST", route={"job_id": "nope"})[0] == 404

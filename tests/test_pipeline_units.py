@@ -1,0 +1,144 @@
+"""The plain modules the activities use: planning, job validation, storage (local folder and Azurite)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gpu_worker.errors import InputError
+from pipeline.jobspec import check_blob_name, instance_id, job_spec
+from pipeline.plan import plan_segments
+from pipeline.progress import failure, job_status
+from pipeline.settings import Settings
+from pipeline.storage import BlobStorage, LocalStorage
+
+SETTINGS = Settings()
+
+
+def test_plan_cuts_every_segment_and_leaves_the_end_open() -> None:
+    plan = plan_segments(0.0, 95.0, 30.0, 5000)
+    # a 5 s tail (1/6 of a segment) joins the last range instead of starting a task of its own
+    assert plan == [("0", "30.000"), ("30.000", "60.000"), ("60.000", None)]
+
+
+def test_plan_keeps_a_long_tail_as_its_own_segment() -> None:
+    assert len(plan_segments(0.0, 100.0, 30.0, 5000)) == 4  # 10 s tail = 1/3 segment
+
+
+def test_plan_ranges_tile_the_timeline_without_gaps() -> None:
+    plan = plan_segments(1.4, 7200.0, 30.0, 5000)
+    assert plan[0][0] == "0" and plan[-1][1] is None
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
+    assert Decimal(plan[1][0]) == Decimal("31.400")  # cuts count from the stream's first timestamp
+
+
+def test_plan_caps_the_number_of_tasks() -> None:
+    assert len(plan_segments(0.0, 36000.0, 1.0, 1000)) <= 1000
+
+
+def test_plan_without_a_duration_is_one_open_range() -> None:
+    assert plan_segments(0.0, None, 30.0, 10) == [("0", None)]
+
+
+def test_instance_id_per_upload() -> None:
+    first = instance_id("input", "clips/My Holiday.mp4", '"0x8DC1"')
+    assert first == instance_id("input", "clips/My Holiday.mp4", "0x8DC1")  # re-delivered event
+    assert first != instance_id("input", "clips/My Holiday.mp4", "0x8DC2")  # a new upload of the same name
+    assert first.startswith("My-Holiday-") and len(first) <= 100
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "/abs.mp4", "a//b.mp4", "a/./b.mp4", "a\\b.mp4", "bad\x07.mp4",
+                                  "", "x" * 600])
+def test_blob_names_are_checked(name: str) -> None:
+    with pytest.raises(InputError):
+        check_blob_name(name)
+
+
+def test_job_from_metadata_with_defaults() -> None:
+    job = job_spec("j1", "input", "clips/a.MOV", {"Style": "3:1,4:1", "strength": "0.5"}, SETTINGS)
+    assert (job.style, job.strength, job.preserve_color) == ("3:0.5,4:0.5", 0.5, False)
+    assert (job.output_name, job.manifest_name) == ("clips/a.mp4", "clips/a.json")
+    assert job.segment_seconds == SETTINGS.segment_seconds
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"style": "99"}, "style", "style 99 does not exist"),
+        ({"style": "https://evil.example/x.jpg"}, "style", "not URLs"),
+        ({"style": "../x.jpg"}, "style", "must be a relative name"),
+        ({"strength": "2"}, "strength", "between 0 and 1"),
+        ({"max_size": "12.5"}, "max_size", "whole number"),
+        ({"max_size": "10"}, "max_size", "64 to 8192"),
+        ({"segment_seconds": "0"}, "segment_seconds", "between 1 and 3600"),
+        ({"preserve_color": "perhaps"}, "preserve_color", "true or false"),
+    ],
+)
+def test_bad_job_options_name_the_field(options: dict, field: str, message: str) -> None:
+    with pytest.raises(InputError, match=message) as err:
+        job_spec("j1", "input", "a.mp4", options, SETTINGS)
+    assert err.value.field == field
+
+
+def test_input_must_look_like_a_video() -> None:
+    with pytest.raises(InputError, match="does not look like a video"):
+        job_spec("j1", "input", "notes.txt", {}, SETTINGS)
+
+
+def test_failure_reasons_from_activity_errors() -> None:
+    text = "Activity function 'prepare_job' failed: InputError: clip.mp4 has no video stream \n Traceback..."
+    assert failure(RuntimeError(text)) == {"kind": "input", "message": "clip.mp4 has no video stream"}
+    assert failure(ValueError("boom")) == {"kind": "internal", "message": "boom"}
+
+
+def test_status_reports_fps_and_eta() -> None:
+    import datetime as dt
+
+    job = {"input_container": "input", "input_name": "a.mp4", "style": "7", "output_name": "a.mp4"}
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    status = job_status("scoring", job, {"segments": 4, "frames_total": 400},
+                        {"succeeded": 1, "running": 1, "frames_done": 100}, start.isoformat(),
+                        start + dt.timedelta(seconds=10))
+    assert status["segments"] == {"done": 1, "total": 4, "running": 1}
+    assert (status["fps"], status["eta_seconds"]) == (10.0, 30)
+    assert len(json.dumps(status)) < 1024
+
+
+def exercise_storage(storage, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"video bytes")
+    storage.upload_file(src, "work", "job1/segments/00000.mp4", {"style": "7"})
+    storage.upload_file(src, "work", "job1/segments/00001.mp4")
+    storage.upload_file(src, "work", "job2/plan.json")
+    info = storage.info("work", "job1/segments/00000.mp4")
+    assert info.size == 11 and info.metadata == {"style": "7"} and info.etag
+    assert storage.info("work", "nope.mp4") is None
+    assert storage.list_names("work", "job1/") == ["job1/segments/00000.mp4", "job1/segments/00001.mp4"]
+    storage.write_json("work", "job1/plan.json", {"segments": [["0", None]]})
+    assert storage.read_json("work", "job1/plan.json") == {"segments": [["0", None]]}
+    out = tmp_path / "out.bin"
+    storage.download_file("work", "job1/segments/00001.mp4", out)
+    assert out.read_bytes() == b"video bytes"
+    with pytest.raises(InputError, match="does not exist"):
+        storage.download_file("work", "missing.mp4", tmp_path / "missing.bin")
+    assert storage.delete_prefix("work", "job1/") == 3
+    assert storage.list_names("work") == ["job2/plan.json"]
+    with pytest.raises(InputError):
+        storage.reader_url("work", "../../etc/passwd")
+
+
+def test_local_storage(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "root")
+    exercise_storage(storage, tmp_path)
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "root").rglob("*"))
+
+
+def test_blob_storage_on_azurite(azurite: str, tmp_path: Path) -> None:
+    storage = BlobStorage(connection_string=azurite)
+    storage.service.create_container("work")
+    exercise_storage(storage, tmp_path)
+    assert storage.reader_url("input", "a b.mp4").endswith("/input/a%20b.mp4")
