@@ -1,0 +1,106 @@
+// Azure Batch account (Batch-service pool allocation, Entra ID auth only) and the GPU pool.
+// The pool is defined here, through ARM, because only ARM can give a pool a user-assigned identity: the
+// nodes use it to pull the worker image from ACR (AcrPull) and to read/write blobs (roles.bicep).
+// The pool autoscales from 0 nodes on $PendingTasks; the formula template is autoscale-formula.txt, the
+// same file that pipeline/autoscale.py fills, so Bicep and Python cannot drift apart.
+
+param location string
+param tags object = {}
+param batchAccountName string
+param poolId string = 'stylize-gpu'
+param poolIdentityId string
+param registryLoginServer string
+param workerImage string
+
+@description('GPU VM size for the pool (one task per node). Needs Batch dedicated or spot core quota for its family.')
+param vmSize string = 'Standard_NC4as_T4_v3'
+
+@description('Upper bound of nodes the autoscale formula may ask for.')
+@minValue(1)
+@maxValue(100)
+param maxNodes int = 4
+
+@description('Use spot (low-priority) nodes instead of dedicated ones: cheaper, may be preempted (tasks are requeued).')
+param useSpot bool = false
+
+@description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2204 marketplace image.')
+param imageVersion string = '22.04.2024102301'
+
+var autoscaleFormula = format(loadTextContent('autoscale-formula.txt'), maxNodes, useSpot ? 1 : 0)
+
+resource batchAccount 'Microsoft.Batch/batchAccounts@2024-07-01' = {
+  name: batchAccountName
+  location: location
+  tags: tags
+  properties: {
+    // checkov:skip=CKV_AZURE_76: data at rest uses Microsoft-managed keys; customer-managed keys would add a Key Vault and its identity for no gain here (inputs and outputs live in Storage, not in Batch)
+    poolAllocationMode: 'BatchService'
+    allowedAuthenticationModes: [
+      'AAD'
+    ]
+    // Public endpoint on purpose: the Function App (Flex Consumption, no VNet) submits jobs over the
+    // internet with its managed identity (Azure Batch Job Submitter); shared-key and task-token auth are off.
+    publicNetworkAccess: 'Enabled'
+    encryption: {
+      keySource: 'Microsoft.Batch'
+    }
+  }
+}
+
+resource pool 'Microsoft.Batch/batchAccounts/pools@2024-07-01' = {
+  parent: batchAccount
+  name: poolId
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${poolIdentityId}': {}
+    }
+  }
+  properties: {
+    displayName: 'Video stylize GPU workers'
+    vmSize: vmSize
+    taskSlotsPerNode: 1
+    taskSchedulingPolicy: {
+      nodeFillType: 'Spread'
+    }
+    interNodeCommunication: 'Disabled'
+    targetNodeCommunicationMode: 'Simplified'
+    deploymentConfiguration: {
+      virtualMachineConfiguration: {
+        imageReference: {
+          publisher: 'microsoft-dsvm'
+          offer: 'ubuntu-hpc'
+          sku: '2204'
+          version: imageVersion
+        }
+        nodeAgentSkuId: 'batch.node.ubuntu 22.04'
+        containerConfiguration: {
+          type: 'DockerCompatible'
+          // Pre-fetched when a node starts, so the first task on it does not wait for the pull.
+          containerImageNames: [
+            workerImage
+          ]
+          containerRegistries: [
+            {
+              registryServer: registryLoginServer
+              identityReference: {
+                resourceId: poolIdentityId
+              }
+            }
+          ]
+        }
+      }
+    }
+    scaleSettings: {
+      autoScale: {
+        formula: autoscaleFormula
+        evaluationInterval: 'PT5M'
+      }
+    }
+  }
+}
+
+output batchAccountName string = batchAccount.name
+output accountEndpoint string = batchAccount.properties.accountEndpoint
+output accountUrl string = 'https://${batchAccount.properties.accountEndpoint}'
+output poolId string = pool.name

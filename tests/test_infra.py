@@ -1,0 +1,561 @@
+"""Offline checks of infra/ (Bicep for azd): parse, checkov, and the project's own security assertions.
+
+pycep-parser and checkov live in their own venv, `.venv-infra` (`make infra-venv`), and run here in
+subprocesses; without that venv the tests that need them skip. The plain-text checks always run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from pipeline.autoscale import TEMPLATE_PATH, autoscale_formula, formula_template
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+INFRA_BIN = ROOT / ".venv-infra" / "bin"
+INFRA_PYTHON = INFRA_BIN / "python"
+CHECKOV = INFRA_BIN / "checkov"
+
+needs_infra_venv = pytest.mark.skipif(
+    not (INFRA_PYTHON.exists() and CHECKOV.exists()),
+    reason="needs .venv-infra with pycep-parser and checkov (requirements-infra.txt): run `make infra-venv`",
+)
+
+ROLE = {
+    "blob_contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "blob_reader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
+    "blob_owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    "queue_contributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+    "table_contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "batch_job_submitter": "48e5e92e-a480-4e71-aa9c-2778f4c13781",
+    "metrics_publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+    "acr_pull": "7f951dda-4ed3-4680-a7ca-43fe172d538d",
+}
+STORAGE = "Microsoft.Storage/storageAccounts"
+CONTAINER = "Microsoft.Storage/storageAccounts/blobServices/containers"
+DATA_CONTAINERS = {"input", "styles", "output", "work", "logs"}
+
+
+# ---------------------------------------------------------------- tools in .venv-infra
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@cache
+def _trees() -> dict:
+    proc = _run([str(INFRA_PYTHON), str(INFRA / "check_bicep.py"), str(INFRA)], timeout=120)
+    assert proc.returncode == 0, f"check_bicep.py failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)["files"]
+
+
+@cache
+def _checkov() -> dict:
+    proc = _run([str(CHECKOV), "-d", "infra", "--framework", "bicep", "--skip-download", "-o", "json"], timeout=300)
+    assert proc.returncode in (0, 1), f"checkov exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    report = json.loads(proc.stdout)
+    reports = report if isinstance(report, list) else [report]
+    bicep = [r for r in reports if r.get("check_type") == "bicep"]
+    assert len(bicep) == 1, f"expected one bicep report, got {[r.get('check_type') for r in reports]}"
+    return bicep[0]
+
+
+def tree(name: str) -> dict:
+    entry = _trees()[name]
+    assert entry["ok"], f"{name} did not parse: {entry.get('error')}"
+    return entry["tree"]
+
+
+def body(resource: dict) -> dict:
+    """A resource's config, looking through `if (...)` conditions."""
+    config = resource["config"]
+    return config["config"] if "condition" in config else config
+
+
+def resources(name: str, rtype: str, *, existing: bool = False) -> dict[str, dict]:
+    return {
+        sym: r for sym, r in tree(name)["resources"].items() if r["type"] == rtype and bool(r["existing"]) == existing
+    }
+
+
+def one(name: str, rtype: str) -> dict:
+    found = resources(name, rtype)
+    assert len(found) == 1, f"{name}: expected one {rtype}, found {sorted(found)}"
+    return body(next(iter(found.values())))
+
+
+def accessor_chain(expr) -> list[str]:
+    """`a::b::c` or `a.b.c` (pycep operator trees) or a bare symbol → ['a', 'b', 'c']."""
+    if isinstance(expr, str):
+        return [expr]
+    op = expr["operator"]
+    assert op["type"] in ("nested_resource_accessor", "property_accessor"), op["type"]
+    return [op["operands"]["operand_1"], *accessor_chain(op["operands"]["operand_2"])]
+
+
+def param_default(name: str, param: str):
+    return tree(name)["parameters"][param]["default"]
+
+
+def resolve_text(name: str, text: str) -> str:
+    """Fill `${param}` interpolations from the file's parameter defaults."""
+    params = tree(name)["parameters"]
+
+    def sub(m: re.Match) -> str:
+        default = params[m.group(1)]["default"]
+        assert default is not None, f"{name}: parameter {m.group(1)} has no default"
+        return str(default)
+
+    return re.sub(r"\$\{(\w+)\}", sub, text)
+
+
+# ---------------------------------------------------------------- plain-text checks (no venv needed)
+
+
+def _infra_text_files() -> list[Path]:
+    return [p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+
+
+def test_no_account_keys_or_sas_anywhere_in_infra():
+    forbidden = re.compile(r"listKeys|listAccountSas|listServiceSas|AccountKey|SharedAccessSignature|sasToken", re.I)
+    offenders = []
+    for path in [*_infra_text_files(), ROOT / "azure.yaml"]:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if forbidden.search(line) and path.name != Path(__file__).name:
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "keys/SAS in infra:\n" + "\n".join(offenders)
+
+
+def test_no_gpus_flag_in_container_run_options():
+    # Batch exposes the GPUs to the container itself; `--gpus` makes the task fail (ContainerInvalidSettings).
+    for path in _infra_text_files():
+        assert "--gpus" not in path.read_text(encoding="utf-8"), path
+
+
+def test_checkov_skips_are_inline_with_a_reason():
+    skip = re.compile(r"checkov:skip=([A-Z0-9_]+)(.*)")
+    found = 0
+    for path in INFRA.rglob("*.bicep"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            m = skip.search(line)
+            if not m:
+                continue
+            found += 1
+            assert line.startswith("    //"), f"{path.name}:{n}: skip must sit inside a resource body"
+            reason = m.group(2).lstrip(":").strip()
+            assert len(reason) >= 20, f"{path.name}:{n}: skip {m.group(1)} needs a real reason"
+    assert found, "expected the documented skips"
+    for name in (".checkov.yaml", ".checkov.yml"):
+        assert not (ROOT / name).exists() and not (INFRA / name).exists(), "no repo-wide checkov config"
+
+
+def test_postdeploy_hook_is_wired():
+    azure_yaml = (ROOT / "azure.yaml").read_text(encoding="utf-8")
+    assert re.search(r"^infra:\n(  .*\n)*  path: infra\n", azure_yaml, re.M)
+    assert re.search(r"^\s+host: function$", azure_yaml, re.M)
+    assert re.search(r"^\s+language: python$", azure_yaml, re.M)
+    assert re.search(r"^hooks:\n  postdeploy:\n", azure_yaml, re.M)
+    assert "run: infra/hooks/postdeploy.sh" in azure_yaml
+    hook = INFRA / "hooks" / "postdeploy.sh"
+    assert os.access(hook, os.X_OK)
+    text = hook.read_text(encoding="utf-8")
+    assert "az functionapp keys list" in text and "systemKeys.blobs_extension" in text
+    assert "eventgrid.bicep" in text
+    assert subprocess.run(["sh", "-n", str(hook)], check=False).returncode == 0
+
+
+def test_main_parameters_match_main_bicep():
+    params = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    declared = set(re.findall(r"^param (\w+) ", (INFRA / "main.bicep").read_text(encoding="utf-8"), re.M))
+    assert set(params) <= declared
+    assert {"environmentName", "location", "principalId"} <= set(params)
+
+
+# ---------------------------------------------------------------- parse + checkov
+
+
+@needs_infra_venv
+def test_every_bicep_file_parses_with_pycep():
+    files = _trees()
+    on_disk = {p.relative_to(INFRA).as_posix() for p in INFRA.rglob("*.bicep")}
+    assert set(files) == on_disk
+    broken = {name: f["error"] for name, f in files.items() if not f["ok"]}
+    assert not broken, broken
+    assert {"main.bicep", "eventgrid.bicep", "roles.bicep", "batch.bicep", "functions.bicep"} <= on_disk
+
+
+@needs_infra_venv
+def test_checkov_reports_no_failures_and_no_parsing_errors():
+    report = _checkov()
+    summary = report["summary"]
+    failed = [
+        f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
+        for c in report["results"]["failed_checks"]
+    ]
+    assert summary["parsing_errors"] == 0, report["results"].get("parsing_errors")
+    assert summary["failed"] == 0, "\n".join(failed)
+    assert summary["passed"] > 0 and summary["resource_count"] > 0
+
+
+@needs_infra_venv
+def test_every_inline_skip_is_used_by_checkov():
+    report = _checkov()
+    used = {(Path(c["file_path"]).name, c["check_id"]) for c in report["results"]["skipped_checks"]}
+    written = set()
+    for path in INFRA.rglob("*.bicep"):
+        for check_id in re.findall(r"checkov:skip=([A-Z0-9_]+)", path.read_text(encoding="utf-8")):
+            written.add((path.name, check_id))
+    assert written == used, f"stale skips: {written - used}; unexplained: {used - written}"
+    assert report["summary"]["skipped"] == sum(
+        len(re.findall(r"checkov:skip=", p.read_text(encoding="utf-8"))) for p in INFRA.rglob("*.bicep")
+    )
+
+
+# ---------------------------------------------------------------- project assertions
+
+
+@needs_infra_venv
+def test_storage_accounts_are_keyless_and_private():
+    accounts = {}
+    for name in _trees():
+        for sym, res in resources(name, STORAGE).items():
+            accounts[f"{name}:{sym}"] = body(res)["properties"]
+    assert len(accounts) == 2, sorted(accounts)
+    for key, props in accounts.items():
+        assert props["allowSharedKeyAccess"] is False, key
+        assert props["allowBlobPublicAccess"] is False, key
+        assert props["supportsHttpsTrafficOnly"] is True, key
+        assert props["minimumTlsVersion"] == "TLS1_2", key
+        assert props["defaultToOAuthAuthentication"] is True, key
+
+
+@needs_infra_venv
+def test_data_account_containers_soft_delete_and_work_lifecycle():
+    containers = resources("storage.bicep", CONTAINER)
+    by_parent = {}
+    for res in containers.values():
+        config = body(res)
+        by_parent.setdefault(config["parent"], set()).add(resolve_text("storage.bicep", "${" + config["name"] + "}"))
+        assert config["properties"]["publicAccess"] == "None"
+    assert by_parent["dataBlobService"] == DATA_CONTAINERS
+    assert by_parent["runtimeBlobService"] == {"deploymentpackage"}
+
+    blob_service = body(resources("storage.bicep", "Microsoft.Storage/storageAccounts/blobServices")["dataBlobService"])
+    assert blob_service["parent"] == "dataAccount"
+    assert blob_service["properties"]["deleteRetentionPolicy"]["enabled"] is True
+    assert blob_service["properties"]["deleteRetentionPolicy"]["days"] >= 1
+
+    policy = one("storage.bicep", "Microsoft.Storage/storageAccounts/managementPolicies")
+    assert policy["parent"] == "dataAccount"
+    rules = policy["properties"]["policy"]["rules"]
+    work_rules = [
+        r
+        for r in rules
+        if [resolve_text("storage.bicep", p) for p in r["definition"]["filters"]["prefixMatch"]] == ["work/"]
+    ]
+    assert len(work_rules) == 1 and work_rules[0]["enabled"] is True
+    assert work_rules[0]["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 1}
+
+    # main.bicep passes the same literal names the app settings and roles.bicep use.
+    storage_params = tree("main.bicep")["modules"]["storage"]["config"]["params"]
+    for c in DATA_CONTAINERS:
+        assert storage_params[f"{c}ContainerName"] == c
+
+
+def _role_assignments() -> dict[str, set[tuple[str, str]]]:
+    roles_tree = tree("roles.bicep")
+    role_ids = roles_tree["variables"]["roleIds"]["value"]
+    declared = roles_tree["resources"]
+    grants: dict[str, set[tuple[str, str]]] = {}
+    for name in _trees():
+        if name != "roles.bicep":
+            assert not resources(name, "Microsoft.Authorization/roleAssignments"), f"role assignment in {name}"
+    for sym, res in resources("roles.bicep", "Microsoft.Authorization/roleAssignments").items():
+        config = body(res)
+        props = config["properties"]
+        fn = props["roleDefinitionId"]["function"]
+        assert fn["type"] == "subscription_resource_id", sym
+        assert fn["parameters"]["resource_type"] == "Microsoft.Authorization/roleDefinitions", sym
+        chain = accessor_chain(fn["parameters"]["resource_name_1"])
+        assert chain[0] == "roleIds" and len(chain) == 2, sym
+        role_id = role_ids[chain[1]]
+        scope = declared["__".join(accessor_chain(config["scope"]))]
+        assert scope["existing"], f"{sym}: scope must be an existing resource"
+        scope_key = f"{scope['type']}:{body(scope)['name']}"
+        principal = props["principalId"]
+        # the assignment's name is derived from its scope, principal and role (stable, unique)
+        name_fn = config["name"]["function"]
+        assert name_fn["type"] == "guid", sym
+        grants.setdefault(principal, set()).add((role_id, scope_key))
+        if principal in ("appPrincipalId", "poolPrincipalId"):
+            assert props["principalType"] == "ServicePrincipal", sym
+    return grants
+
+
+@needs_infra_venv
+def test_each_identity_has_exactly_its_roles():
+    data = f"{STORAGE}:dataAccountName"
+    runtime = f"{STORAGE}:runtimeAccountName"
+    expected = {
+        "appPrincipalId": {
+            (ROLE["blob_contributor"], data),
+            (ROLE["queue_contributor"], data),  # the blob trigger's poison queue is on the trigger's account
+            (ROLE["blob_owner"], runtime),
+            (ROLE["queue_contributor"], runtime),
+            (ROLE["table_contributor"], runtime),
+            (ROLE["batch_job_submitter"], "Microsoft.Batch/batchAccounts:batchAccountName"),
+            (ROLE["metrics_publisher"], "Microsoft.Insights/components:appInsightsName"),
+        },
+        "poolPrincipalId": {
+            (ROLE["blob_reader"], f"{CONTAINER}:input"),
+            (ROLE["blob_reader"], f"{CONTAINER}:styles"),
+            (ROLE["blob_contributor"], f"{CONTAINER}:work"),
+            (ROLE["blob_contributor"], f"{CONTAINER}:output"),
+            (ROLE["blob_contributor"], f"{CONTAINER}:logs"),
+            (ROLE["acr_pull"], "Microsoft.ContainerRegistry/registries:registryName"),
+        },
+        # optional: the person running azd, to upload videos/styles and read results
+        "userPrincipalId": {
+            (ROLE["blob_contributor"], f"{CONTAINER}:input"),
+            (ROLE["blob_contributor"], f"{CONTAINER}:styles"),
+            (ROLE["blob_reader"], f"{CONTAINER}:output"),
+        },
+    }
+    assert _role_assignments() == expected
+
+    # the container scopes hang off the data account
+    declared = tree("roles.bicep")["resources"]
+    for c in DATA_CONTAINERS:
+        assert declared[f"{c}Container"]["config"] == {"parent": "dataBlobService", "name": c}
+    assert declared["dataBlobService"]["config"] == {"parent": "dataAccount", "name": "default"}
+    assert declared["dataAccount"]["config"]["name"] == "dataAccountName"
+
+    # main.bicep wires each principal param to the right identity
+    params = tree("main.bicep")["modules"]["roles"]["config"]["params"]
+    assert accessor_chain(params["appPrincipalId"]) == ["identity", "outputs", "appIdentityPrincipalId"]
+    assert accessor_chain(params["poolPrincipalId"]) == ["identity", "outputs", "poolIdentityPrincipalId"]
+    assert params["userPrincipalId"] == "principalId"
+    assert accessor_chain(params["dataAccountName"]) == ["storage", "outputs", "dataAccountName"]
+    assert accessor_chain(params["runtimeAccountName"]) == ["storage", "outputs", "runtimeAccountName"]
+
+
+@needs_infra_venv
+def test_event_grid_subscription_sends_input_blob_created_to_the_blob_trigger():
+    sub = one("eventgrid.bicep", "Microsoft.EventGrid/systemTopics/eventSubscriptions")
+    assert sub["parent"] == "systemTopic"
+    props = sub["properties"]
+    assert props["filter"]["includedEventTypes"] == ["Microsoft.Storage.BlobCreated"]
+    assert props["filter"]["subjectBeginsWith"] == "/blobServices/default/containers/input/"
+    dest = props["destination"]
+    assert dest["endpointType"] == "WebHook"
+    url = dest["properties"]["endpointUrl"]
+    webhook = "https://${functionAppHostName}/runtime/webhooks/blobs?functionName=Host.Functions.${functionName}&code="
+    assert url.startswith(webhook)
+    assert url[len(webhook) :] == "${uriComponent(blobsExtensionKey)}"
+    assert param_default("eventgrid.bicep", "functionName") == "on_video_uploaded"
+    decorators = {d["type"] for d in tree("eventgrid.bicep")["parameters"]["blobsExtensionKey"]["decorators"]}
+    assert "secure" in decorators
+
+    topic = one("eventgrid-topic.bicep", "Microsoft.EventGrid/systemTopics")
+    assert topic["properties"]["topicType"] == "Microsoft.Storage.StorageAccounts"
+    assert accessor_chain(topic["properties"]["source"]) == ["dataAccount", "id"]
+    params = tree("main.bicep")["modules"]["eventgridTopic"]["config"]["params"]
+    assert accessor_chain(params["dataAccountName"]) == ["storage", "outputs", "dataAccountName"]
+    # the subscription is not in the provisioning template (the hook deploys it after the code)
+    for name in _trees():
+        if name != "eventgrid.bicep":
+            assert not resources(name, "Microsoft.EventGrid/systemTopics/eventSubscriptions"), name
+
+
+@needs_infra_venv
+def test_batch_account_allows_entra_id_only():
+    account = one("batch.bicep", "Microsoft.Batch/batchAccounts")["properties"]
+    assert account["allowedAuthenticationModes"] == ["AAD"]
+    assert account["poolAllocationMode"] == "BatchService"
+
+
+@needs_infra_venv
+def test_batch_gpu_pool():
+    pool = one("batch.bicep", "Microsoft.Batch/batchAccounts/pools")
+    assert pool["parent"] == "batchAccount"
+    assert pool["identity"]["type"] == "UserAssigned"
+    assert list(pool["identity"]["userAssignedIdentities"]) == ["'${poolIdentityId}'"]
+    props = pool["properties"]
+    assert props["taskSlotsPerNode"] == 1
+    vm = props["deploymentConfiguration"]["virtualMachineConfiguration"]
+    image = vm["imageReference"]
+    assert (image["publisher"], image["offer"], image["sku"]) == ("microsoft-dsvm", "ubuntu-hpc", "2204")
+    assert re.fullmatch(r"22\.04\.\d{10}", param_default("batch.bicep", image["version"])), "pin the image version"
+    assert vm["nodeAgentSkuId"] == "batch.node.ubuntu 22.04"
+    containers = vm["containerConfiguration"]
+    assert containers["type"] == "DockerCompatible"
+    assert containers["containerImageNames"] == ["workerImage"]
+    assert containers["containerRegistries"] == [
+        {"registryServer": "registryLoginServer", "identityReference": {"resourceId": "poolIdentityId"}}
+    ]
+    autoscale = props["scaleSettings"]["autoScale"]
+    assert autoscale == {"formula": "autoscaleFormula", "evaluationInterval": "PT5M"}
+    assert param_default("batch.bicep", "vmSize").startswith("Standard_N")
+
+    # main.bicep: the pool uses the pool identity, the registry, and the worker image default
+    params = tree("main.bicep")["modules"]["batch"]["config"]["params"]
+    assert accessor_chain(params["poolIdentityId"]) == ["identity", "outputs", "poolIdentityId"]
+    assert accessor_chain(params["registryLoginServer"]) == ["registry", "outputs", "loginServer"]
+    image_var = tree("main.bicep")["variables"]["batchWorkerImage"]["value"]["operator"]["operands"]
+    assert image_var["true_value"] == "${registry.outputs.loginServer}/stylize-worker:latest"
+
+
+@needs_infra_venv
+def test_autoscale_formula_bicep_and_python_agree():
+    batch = tree("batch.bicep")
+    fn = batch["variables"]["autoscaleFormula"]["value"]["function"]
+    assert fn["type"] == "format"
+    load = fn["parameters"]["format_string"]["function"]
+    assert load["type"] == "load_text_content"
+    assert (INFRA / load["parameters"]["file_path"]).resolve() == TEMPLATE_PATH.resolve()
+    assert fn["parameters"]["arg_1"] == "maxNodes"
+    spot = fn["parameters"]["arg_2"]["operator"]
+    assert spot["type"] == "conditional"
+    assert spot["operands"] == {"condition": "useSpot", "true_value": 1, "false_value": 0}
+    assert set(fn["parameters"]) == {"format_string", "arg_1", "arg_2"}
+
+    # Bicep's format() is .NET String.Format: only {0} and {1} may be braces in the template,
+    # then .NET and Python fill it identically.
+    template = (INFRA / load["parameters"]["file_path"]).read_text(encoding="utf-8")
+    assert template == formula_template()
+    assert sorted(re.findall(r"[{}]", template.replace("{0}", "").replace("{1}", ""))) == []
+
+    def dotnet_format(text: str, *args) -> str:
+        return re.sub(r"\{(\d+)\}", lambda m: str(args[int(m.group(1))]), text)
+
+    decorators = {d["type"]: d.get("argument") for d in batch["parameters"]["maxNodes"]["decorators"]}
+    low, high = decorators["min_value"], decorators["max_value"]
+    for max_nodes in (low, param_default("batch.bicep", "maxNodes"), high):
+        for use_spot in (False, True):
+            assert autoscale_formula(max_nodes, use_spot) == dotnet_format(template, max_nodes, 1 if use_spot else 0)
+    with pytest.raises(ValueError):
+        autoscale_formula(high + 1, False)
+    with pytest.raises(ValueError):
+        autoscale_formula(low - 1, False)
+
+    assert "$PendingTasks" in template and "$ActiveTasks" not in template
+    assert "$NodeDeallocationOption = taskcompletion;" in template
+    assert "$TargetLowPriorityNodes" in template
+
+
+@needs_infra_venv
+def test_registry_and_app_insights_are_keyless():
+    registry = one("registry.bicep", "Microsoft.ContainerRegistry/registries")["properties"]
+    assert registry["adminUserEnabled"] is False
+    assert registry["anonymousPullEnabled"] is False
+
+    insights = one("monitoring.bicep", "Microsoft.Insights/components")["properties"]
+    assert insights["DisableLocalAuth"] is True
+    assert accessor_chain(insights["WorkspaceResourceId"]) == ["logAnalytics", "id"]
+
+
+REQUIRED_SETTINGS = {
+    "AzureWebJobsStorage__blobServiceUri": "runtimeBlobEndpoint",
+    "AzureWebJobsStorage__queueServiceUri": "runtimeQueueEndpoint",
+    "AzureWebJobsStorage__tableServiceUri": "runtimeTableEndpoint",
+    "AzureWebJobsStorage__credential": "managedidentity",
+    "AzureWebJobsStorage__clientId": "appIdentityClientId",
+    "DataStorage__blobServiceUri": "dataBlobEndpoint",
+    "DataStorage__queueServiceUri": "dataQueueEndpoint",
+    "DataStorage__credential": "managedidentity",
+    "DataStorage__clientId": "appIdentityClientId",
+    "STYLIZE_STORAGE": "blob",
+    "DATA_STORAGE_ACCOUNT_URL": "dataBlobEndpoint",
+    "INPUT_CONTAINER": "inputContainerName",
+    "STYLES_CONTAINER": "stylesContainerName",
+    "OUTPUT_CONTAINER": "outputContainerName",
+    "WORK_CONTAINER": "workContainerName",
+    "LOGS_CONTAINER": "logsContainerName",
+    "STYLIZE_COMPUTE": "batch",
+    "BATCH_ACCOUNT_URL": "batchAccountUrl",
+    "BATCH_POOL_ID": "batchPoolId",
+    "BATCH_WORKER_IMAGE": "batchWorkerImage",
+    "BATCH_POOL_IDENTITY_RESOURCE_ID": "poolIdentityId",
+    "AZURE_CLIENT_ID": "appIdentityClientId",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING": "appInsightsConnectionString",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "ClientId=${appIdentityClientId};Authorization=AAD",
+}
+
+
+@needs_infra_venv
+def test_function_app_flex_consumption_identity_based_settings():
+    plan = one("functions.bicep", "Microsoft.Web/serverfarms")
+    assert plan["sku"] == {"name": "FC1", "tier": "FlexConsumption"}
+    assert plan["properties"]["reserved"] is True
+
+    site = one("functions.bicep", "Microsoft.Web/sites")
+    assert site["kind"] == "functionapp,linux"
+    assert site["identity"]["type"] == "UserAssigned"
+    assert list(site["identity"]["userAssignedIdentities"]) == ["'${appIdentityId}'"]
+    props = site["properties"]
+    assert props["httpsOnly"] is True
+    config = props["functionAppConfig"]
+    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    assert config["deployment"]["storage"]["authentication"] == {
+        "type": "UserAssignedIdentity",
+        "userAssignedIdentityResourceId": "appIdentityId",
+    }
+
+    settings = {s["name"]: s["value"] for s in props["siteConfig"]["appSettings"]}
+    assert len(settings) == len(props["siteConfig"]["appSettings"]), "duplicate app setting"
+    assert settings == REQUIRED_SETTINGS
+    for banned in ("AzureWebJobsStorage", "FUNCTIONS_WORKER_RUNTIME", "WEBSITE_RUN_FROM_PACKAGE"):
+        assert banned not in settings
+
+    # main.bicep feeds the Batch URL with its scheme and the real endpoints
+    batch_url = tree("batch.bicep")["outputs"]["accountUrl"]["value"]
+    assert batch_url == "https://${batchAccount.properties.accountEndpoint}"
+    params = tree("main.bicep")["modules"]["functions"]["config"]["params"]
+    assert accessor_chain(params["batchAccountUrl"]) == ["batch", "outputs", "accountUrl"]
+    assert accessor_chain(params["appIdentityClientId"]) == ["identity", "outputs", "appIdentityClientId"]
+    assert accessor_chain(params["dataBlobEndpoint"]) == ["storage", "outputs", "dataBlobEndpoint"]
+    assert accessor_chain(params["runtimeBlobEndpoint"]) == ["storage", "outputs", "runtimeBlobEndpoint"]
+    assert params["batchWorkerImage"] == "batchWorkerImage"
+    assert params["serviceName"] == "stylize"
+
+
+@needs_infra_venv
+def test_main_outputs_what_the_app_and_azd_need():
+    outputs = tree("main.bicep")["outputs"]
+    needed = {
+        "AZURE_RESOURCE_GROUP",
+        "AZURE_FUNCTION_APP_NAME",
+        "AZURE_FUNCTION_APP_HOSTNAME",
+        "AZURE_FUNCTION_APP_URL",
+        "DATA_STORAGE_ACCOUNT_NAME",
+        "DATA_STORAGE_ACCOUNT_URL",
+        "INPUT_CONTAINER",
+        "STYLES_CONTAINER",
+        "OUTPUT_CONTAINER",
+        "WORK_CONTAINER",
+        "LOGS_CONTAINER",
+        "BATCH_ACCOUNT_URL",
+        "BATCH_POOL_ID",
+        "BATCH_WORKER_IMAGE",
+        "BATCH_POOL_IDENTITY_RESOURCE_ID",
+        "AZURE_CONTAINER_REGISTRY_NAME",
+        "AZURE_CONTAINER_REGISTRY_ENDPOINT",
+        "EVENTGRID_SYSTEM_TOPIC_NAME",
+    }
+    assert needed <= set(outputs)
+    assert accessor_chain(outputs["BATCH_ACCOUNT_URL"]["value"]) == ["batch", "outputs", "accountUrl"]
+    # the names the postdeploy hook reads are outputs (azd exports outputs to hooks)
+    hook = (INFRA / "hooks" / "postdeploy.sh").read_text(encoding="utf-8")
+    tunables = {"POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS"}
+    read = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", hook)) - tunables
+    assert read, "the hook reads azd environment values"
+    assert read <= set(outputs), read - set(outputs)
