@@ -225,20 +225,24 @@ def rgb_matrix(frame: av.VideoFrame) -> str:
     return _MATRIX_BY_COLORSPACE.get(frame.colorspace, "itu709" if frame.height >= 720 else "itu601")
 
 
-def frame_to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB as displayed: scaled to width x height (stored orientation) if given, the right
-    matrix and range, and the rotation applied."""
+def frame_planes(frame: av.VideoFrame, width: int, height: int) -> tuple[str, np.ndarray, bool]:
+    """(layout, pixels, full_range) for the scorer's device to convert: the decoder's own I420 planes when
+    they already have the wanted size (the common case, and half the bytes of RGB), else RGB via swscale
+    (10-bit, 4:4:4, odd sizes, scaling). Rotation is left to the device."""
+    full_range = frame.color_range == 2 or frame.format.name == "yuvj420p"
+    if (frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (width, height)
+            and width % 2 == 0 and height % 2 == 0):
+        return "yuv420p", frame.to_ndarray(), full_range
     rgb = frame.to_ndarray(
-        width=width, height=height, interpolation="AREA" if width and width < frame.width else None,
+        width=width, height=height, interpolation="AREA" if width < frame.width else None,
         format="rgb24", src_colorspace=rgb_matrix(frame), dst_colorspace=rgb_matrix(frame),
-        src_color_range=frame.color_range or 1, dst_color_range=2,
+        src_color_range=2 if full_range else 1, dst_color_range=2,
     )
-    turns = (frame.rotation % 360) // 90
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    return "rgb24", rgb, True
 
 
 class SegmentWriter:
-    """Encode RGB frames with their source pts into H.264 yuv420p MP4, written atomically.
+    """Encode I420 frames with their source pts into H.264 MP4, written atomically.
 
     Frames go to a hidden temporary file beside ``path``; :meth:`commit` renames it into place and
     :meth:`abort` (or leaving the ``with`` block by an exception) deletes it, so a failed run leaves
@@ -270,14 +274,10 @@ class SegmentWriter:
         ctx.thread_count = threads
         ctx.options = {"preset": preset, "crf": str(crf)}
         self._stream = stream
-        self._matrix = matrix
 
-    def write(self, rgb: np.ndarray, pts: int) -> None:
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame = frame.reformat(
-            width=self.width, height=self.height, format="yuv420p",
-            src_colorspace=self._matrix, dst_colorspace=self._matrix, src_color_range=2, dst_color_range=1,
-        )
+    def write(self, planes: np.ndarray, pts: int) -> None:
+        """One frame as limited-range I420 planes ([height*3/2, width] uint8) with its source pts."""
+        frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
         frame.pts = pts
         self._container.mux(self._stream.encode(frame))
         self.frames += 1

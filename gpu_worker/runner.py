@@ -19,22 +19,28 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
-from gpu_worker import media
+from gpu_worker import colour, media
 from gpu_worker.errors import InputError
 
 
 class Scorer(Protocol):
-    """A batch model over video frames: uint8 RGB [N,H,W,3] in, uint8 RGB of the same shape out."""
+    """A batch model over video frames: [N,3,H,W] float RGB in 0..1 on ``torch_device`` in, the same out.
+
+    The runner does everything else — decoding, colour conversion on the scorer's device, rotation,
+    batching, encoding — so a new model only implements this.
+    """
 
     name: str
-    device: str
+    device: str  # a label for reports, e.g. "cuda (NVIDIA H100 80GB HBM3)"
+    torch_device: torch.device
 
     def batch_size(self, height: int, width: int) -> int:
         """How many frames of this size one :meth:`score` call should take (fits memory)."""
         ...
 
-    def score(self, frames: np.ndarray) -> np.ndarray: ...
+    def score(self, frames: torch.Tensor) -> torch.Tensor: ...
 
     def peak_device_memory_mb(self) -> float | None: ...
 
@@ -113,15 +119,16 @@ def run_range(
             matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads,
         )
         pts_seen: list[int] = []
+        to_device = _Uploader(scorer.torch_device, matrix, turns, (writer.height, writer.width))
 
         def decode() -> None:
             try:
                 t0 = time.perf_counter()
                 for frame in media.decode_range(container, stream, start, end):
                     # one size for the whole range, even if the stream changes size mid-way
-                    rgb = media.frame_to_rgb(frame, width, height)
+                    item = (frame.pts, *media.frame_planes(frame, width, height))
                     timing["decode"] += time.perf_counter() - t0
-                    if not _put(frames_in, (frame.pts, rgb), stop):
+                    if not _put(frames_in, item, stop):
                         return
                     t0 = time.perf_counter()
                 _put(frames_in, _DONE, stop)
@@ -131,10 +138,10 @@ def run_range(
         def encode() -> None:
             try:
                 while (item := _get(scored, stop)) is not _DONE and item is not None:
-                    pts_list, images = item
+                    pts_list, planes = item
                     t0 = time.perf_counter()
-                    for pts, rgb in zip(pts_list, images, strict=True):
-                        writer.write(rgb, pts)
+                    for pts, frame_planes in zip(pts_list, planes, strict=True):
+                        writer.write(frame_planes, pts)
                     timing["encode"] += time.perf_counter() - t0
                     pts_seen.extend(pts_list)
                     if progress:
@@ -158,16 +165,14 @@ def run_range(
                     if item is _DONE or item is None:
                         finished = True
                         break
+                    if pending and item[1] != pending[0][1]:  # a batch holds one pixel layout
+                        _score_batch(pending, to_device, scorer, scored, stop, timing, errors)
+                        pending = []
                     pending.append(item)
                 if errors:
                     raise errors[0]
-                if not pending:
-                    continue
-                t0 = time.perf_counter()
-                images = scorer.score(np.stack([rgb for _, rgb in pending]))
-                timing["score"] += time.perf_counter() - t0
-                if not _put(scored, ([pts for pts, _ in pending], images), stop):
-                    raise errors[0]
+                if pending:
+                    _score_batch(pending, to_device, scorer, scored, stop, timing, errors)
             _put(scored, _DONE, stop)
             threads[1].join()
             if errors:
@@ -197,6 +202,39 @@ def run_range(
         first_pts_seconds=float(pts_seen[0] * tb) if pts_seen else None,
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
     )
+
+
+class _Uploader:
+    """Moves decoded frames to the scorer's device and back: colour conversion, rotation, even sizes."""
+
+    def __init__(self, device: torch.device, matrix: str, turns: int, out_size: tuple[int, int]) -> None:
+        self.device, self.matrix, self.turns, self.out_size = device, matrix, turns, out_size
+        self.pin = device.type == "cuda"
+
+    def to_rgb(self, layout: str, arrays: list[np.ndarray], full_range: bool) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(arrays))
+        if self.pin:
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        if layout == "yuv420p":
+            rgb = colour.yuv420_to_rgb(batch, self.matrix, full_range)
+        else:
+            rgb = batch.permute(0, 3, 1, 2).float().div_(255)
+        return torch.rot90(rgb, self.turns, dims=(2, 3)) if self.turns else rgb
+
+    def to_planes(self, rgb: torch.Tensor) -> np.ndarray:
+        return colour.rgb_to_yuv420(rgb, self.matrix, self.out_size).cpu().numpy()
+
+
+def _score_batch(pending: list, uploader: _Uploader, scorer: Scorer, scored: queue.Queue,
+                 stop: threading.Event, timing: dict, errors: list) -> None:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        rgb = uploader.to_rgb(pending[0][1], [item[2] for item in pending], pending[0][3])
+        planes = uploader.to_planes(scorer.score(rgb))
+    timing["score"] += time.perf_counter() - t0
+    if not _put(scored, ([item[0] for item in pending], planes), stop):
+        raise errors[0]
 
 
 def _scaled(height: int, width: int, max_size: int) -> tuple[int, int]:

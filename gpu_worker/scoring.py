@@ -41,12 +41,15 @@ class IdentityScorer:
     """Returns frames unchanged: measures the codec path alone and tests the pipeline without a model."""
 
     name = "identity"
-    device = "cpu"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.torch_device = resolve_device(device)
+        self.device = self.torch_device.type
 
     def batch_size(self, height: int, width: int) -> int:
         return 4
 
-    def score(self, frames: np.ndarray) -> np.ndarray:
+    def score(self, frames: torch.Tensor) -> torch.Tensor:
         return frames
 
     def peak_device_memory_mb(self) -> float | None:
@@ -107,7 +110,7 @@ class StyleScorer:
             self._net = networks.optimize_for_cpu(self._net)
 
     @torch.inference_mode()
-    def score(self, frames: np.ndarray) -> np.ndarray:
+    def score(self, frames: torch.Tensor) -> torch.Tensor:
         if self._net is None:
             self._load()
         try:
@@ -118,13 +121,10 @@ class StyleScorer:
             torch.cuda.empty_cache()
             self.max_batch = max(1, len(frames) // 2)  # remember: later batches start smaller
             half = len(frames) // 2
-            return np.concatenate([self.score(frames[:half]), self.score(frames[half:])])
+            return torch.cat([self.score(frames[:half]), self.score(frames[half:])])
 
-    def _score(self, frames: np.ndarray) -> np.ndarray:
-        pinned = torch.from_numpy(frames)
-        if self.torch_device.type == "cuda":
-            pinned = pinned.pin_memory()
-        x = pinned.to(self.torch_device, non_blocking=True).permute(0, 3, 1, 2).to(self._dtype).div_(255)
+    def _score(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.to(self._dtype)
         if self.torch_device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         condition = self._condition
@@ -135,8 +135,7 @@ class StyleScorer:
             y = keep_colour(y, x)
         if self.spec.strength < 1.0:
             y = torch.lerp(x, y, self.spec.strength)
-        out = y.clamp_(0, 1).mul_(255).add_(0.5).to(torch.uint8).permute(0, 2, 3, 1)
-        return out.contiguous().cpu().numpy()
+        return y.clamp_(0, 1)
 
 
 def keep_colour(stylized: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

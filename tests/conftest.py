@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gpu_worker/__main__.py: before torch is imported
 import shutil
 import socket
 import subprocess

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import imageio_ffmpeg
+import numpy as np
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -157,3 +158,15 @@ class RangeFileServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def ffmpeg_rgb_frames(path: Path, count: int) -> np.ndarray:
+    """The first frames as ffmpeg itself shows them (rotation applied), as [N,H,W,3] uint8."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        w, h = frame.width, frame.height
+        if frame.rotation % 180 == 90:
+            w, h = h, w
+    raw = subprocess.run([FFMPEG, "-loglevel", "error", "-i", str(path), "-frames:v", str(count), "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
