@@ -241,6 +241,19 @@ def frame_planes(frame: av.VideoFrame, width: int, height: int) -> tuple[str, np
     return "rgb24", rgb, True
 
 
+def mp4_timescales(time_base: Fraction) -> dict[str, str]:
+    """MP4 muxer options that keep a segment's start time exact.
+
+    A segment that starts at t > 0 gets an edit list whose offset is counted in the movie timescale, 1000 by
+    default: 1.5015 s (frame 45 at 29.97 fps) would come back as 1.501 s. Counting in the track's own
+    timescale keeps every source timestamp representable.
+    """
+    scale = time_base.denominator
+    while scale < 10000:  # what the muxer would pick for the track anyway
+        scale *= 2
+    return {"video_track_timescale": str(scale), "movie_timescale": str(scale)}
+
+
 class SegmentWriter:
     """Encode I420 frames with their source pts into H.264 MP4, written atomically.
 
@@ -261,7 +274,7 @@ class SegmentWriter:
         self.width, self.height = width + width % 2, height + height % 2
         sar = sample_aspect_ratio * Fraction(width * self.height, height * self.width)
         self.frames = 0
-        self._container = av.open(str(self.tmp), mode="w", format="mp4")
+        self._container = av.open(str(self.tmp), mode="w", format="mp4", options=mp4_timescales(time_base))
         stream = self._container.add_stream("libx264", rate=frame_rate or None)
         stream.time_base = time_base
         ctx = stream.codec_context

@@ -52,7 +52,9 @@ def stitch(
         if audio_source is not None:
             source = stack.enter_context(media.open_source(audio_source, http_headers))
             audio_in = source.streams.audio[0] if source.streams.audio else None
-        out = stack.enter_context(av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}))
+        timescales = media.mp4_timescales(inputs[0].streams.video[0].time_base)
+        out = stack.enter_context(av.open(str(tmp), mode="w", format="mp4",
+                                          options={"movflags": "+faststart", **timescales}))
         try:
             result = _remux(inputs, audio_in, out, output)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from gpu_worker.style_spec import NUM_STYLES, parse_style
@@ -36,11 +37,13 @@ def write_contact_sheet(output: Path, image: Path | None = None) -> Path:
 
     picture = sample_picture(image)
     picture.thumbnail((TILE, TILE))
-    frame = np.asarray(picture.convert("RGB"))[None]
-    tiles = [("original", frame[0])]
+    pixels = np.asarray(picture.convert("RGB"))
+    frame = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    tiles = [("original", pixels)]
     for index in range(NUM_STYLES):
-        tiles.append((str(index), StyleScorer(parse_style(str(index)), device="cpu").score(frame)[0]))
-    height, width = frame.shape[1:3]
+        styled = StyleScorer(parse_style(str(index)), device="cpu").score(frame)[0]
+        tiles.append((str(index), (styled.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()))
+    height, width = pixels.shape[:2]
     rows = -(-len(tiles) // COLUMNS)
     sheet = Image.new("RGB", (COLUMNS * (width + 6) + 6, rows * (height + LABEL + 6) + 6), "white")
     draw = ImageDraw.Draw(sheet)

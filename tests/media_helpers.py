@@ -35,6 +35,8 @@ HARD_CASES: dict[str, tuple[list[str], str]] = {
     "non_square": (["-vf", "scale=160:120,setsar=4/3", "-c:v", "libx264", "-pix_fmt", "yuv420p"], ".mp4"),
     "yuv444_10bit": (["-c:v", "libx264", "-pix_fmt", "yuv444p10le"], ".mp4"),
     "mpegts_offset": (["-c:v", "libx264", "-pix_fmt", "yuv420p", "-bf", "2"], ".ts"),
+    # 29.97 fps: frame times such as 1.5015 s that a millisecond clock cannot hold
+    "ntsc_rate": (["-r", "30000/1001", "-c:v", "libx264", "-pix_fmt", "yuv420p"], ".mp4"),
 }
 
 

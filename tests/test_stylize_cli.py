@@ -1,0 +1,84 @@
+"""`stylize` as a person runs it: the whole local pipeline from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.media_helpers import display_aspect, frame_times, make_clip, sample_clip, video_stream_info
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stylize(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "local.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=_env())
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_run_produces_the_whole_video(tmp_path: Path) -> None:
+    source = sample_clip("carphone_pristine.mp4")  # 176x144, SAR 128:117, 29.97 fps, 120 frames
+    out = tmp_path / "result" / "carphone.mp4"
+    result = stylize("run", str(source), "-s", "3:0.5,12:0.5", "-o", str(out), "--segment-seconds", "1.5",
+                     "--workers", "2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["frames"] == 120 and summary["segments"] == 3 and summary["output"] == str(out)
+    assert frame_times(out) == frame_times(source)
+    assert display_aspect(video_stream_info(out)) == display_aspect(video_stream_info(source))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["carphone.mp4"]  # no partial files beside it
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (lambda d: d / "missing.mp4", [], "no such file"),
+        (lambda d: _write(d / "fake.mp4", "not a video"), [], "fake.mp4 is not a video file"),
+        (lambda d: _write(d / "playlist.mp4", "#EXTM3U\n#EXTINF:1,\n/etc/passwd\n"), [], "is not a video file"),
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "40"], "style 40 does not exist"),
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "nope.png"], "style image not found"),
+    ],
+    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image"],
+)
+def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
+    source = make(tmp_path)
+    out = tmp_path / "out" / "result.mp4"
+    result = stylize("run", str(source), "-o", str(out), *(args or ["-s", "7"]), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and not (out.parent.exists() and list(out.parent.iterdir()))
+
+
+def test_styles_contact_sheet(tmp_path: Path) -> None:
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(picture)
+    result = stylize("styles", "--image", str(picture), "-o", str(tmp_path / "sheet.png"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (7 * (96 + 6) + 6, 4 * (64 + 18 + 6) + 6)  # the original and 26 styles, 7 a row
+    tiles = {sheet.crop((6 + c * 102, 24, 6 + c * 102 + 96, 24 + 64)).tobytes() for c in range(7)}
+    assert len(tiles) == 7  # every style looks different
+
+
+def test_function_app_does_not_import_torch() -> None:
+    """The Function App's deployment has no torch: importing it must not need one."""
+    code = "import sys, function_app; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
