@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import resource
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,8 @@ class RangeResult:
     peak_device_memory_mb: float | None
     first_pts_seconds: float | None
     last_pts_seconds: float | None
+    latency_ms: dict[str, float]  # per frame, decoded → encoded: p50, p95, max (a distribution, not a log)
+    node: str
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -119,6 +122,8 @@ def run_range(
             matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads,
         )
         pts_seen: list[int] = []
+        decoded_at: dict[int, float] = {}  # pts → when the frame left the decoder
+        latencies: list[float] = []
         to_device = _Uploader(scorer.torch_device, matrix, turns, (writer.height, writer.width))
 
         def decode() -> None:
@@ -127,7 +132,8 @@ def run_range(
                 for frame in media.decode_range(container, stream, start, end):
                     # one size for the whole range, even if the stream changes size mid-way
                     item = (frame.pts, *media.frame_planes(frame, width, height))
-                    timing["decode"] += time.perf_counter() - t0
+                    decoded_at[frame.pts] = time.perf_counter()
+                    timing["decode"] += decoded_at[frame.pts] - t0
                     if not _put(frames_in, item, stop):
                         return
                     t0 = time.perf_counter()
@@ -142,6 +148,7 @@ def run_range(
                     t0 = time.perf_counter()
                     for pts, frame_planes in zip(pts_list, planes, strict=True):
                         writer.write(frame_planes, pts)
+                        latencies.append(time.perf_counter() - decoded_at.pop(pts, t0))
                     timing["encode"] += time.perf_counter() - t0
                     pts_seen.extend(pts_list)
                     if progress:
@@ -201,7 +208,19 @@ def run_range(
         peak_device_memory_mb=scorer.peak_device_memory_mb(),
         first_pts_seconds=float(pts_seen[0] * tb) if pts_seen else None,
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
+        latency_ms=_distribution_ms(latencies), node=socket.gethostname(),
     )
+
+
+def _distribution_ms(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def quantile(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+    return {"p50": quantile(0.5), "p95": quantile(0.95), "max": quantile(1.0)}
 
 
 class _Uploader:
