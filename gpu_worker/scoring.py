@@ -105,6 +105,7 @@ class StyleScorer:
             self._net = weights.build("arbitrary_transform", self.torch_device, self._dtype)
             self._condition = vector.to(self._dtype)
         if self.torch_device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one frame size per task: tuning pays off after a batch
             self._net = self._net.to(memory_format=torch.channels_last)
         elif hasattr(networks, "optimize_for_cpu"):
             self._net = networks.optimize_for_cpu(self._net)
