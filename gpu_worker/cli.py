@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     s.add_argument("--preset", default=os.environ.get("WORKER_X264_PRESET", "veryfast"), help="x264 preset")
     s.add_argument("--crf", type=int, default=int(os.environ.get("WORKER_X264_CRF", "18")), help="x264 CRF")
+    s.add_argument("--pipelines", default=os.environ.get("WORKER_PIPELINES", "auto"),
+                   help="decode/encode pipelines sharing the model (auto: 1 on CPU, one per 4 cores on a GPU, max 4)")
     s.add_argument("--scorer", choices=("style", "identity"), default="style", help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
 
@@ -156,10 +158,22 @@ def _stylize(args: argparse.Namespace) -> int:
 
     result = run_range(args.source, args.output, scorer, args.start, args.end,
                        encoder=EncoderOptions(preset=args.preset, crf=args.crf), http_headers=headers,
-                       max_size=args.max_size, progress=progress)
+                       max_size=args.max_size, pipelines=_pipelines(args.pipelines, scorer), progress=progress)
     _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
                                   f"({result.fps:.2f} fps on {result.device})")
     return EXIT_OK
+
+
+def _pipelines(value: str, scorer) -> int:
+    if value == "auto":
+        return 1 if scorer.torch_device.type == "cpu" else max(1, min(4, (os.cpu_count() or 4) // 4))
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 16:
+        raise InputError(f"--pipelines must be auto or 1 to 16, got {value!r}", field="pipelines")
+    return count
 
 
 def _emit(args: argparse.Namespace, payload: dict, line: str) -> None:

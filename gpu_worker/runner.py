@@ -94,15 +94,32 @@ def run_range(
     encoder: EncoderOptions | None = None,
     http_headers: Mapping[str, str] | None = None,
     max_size: int = 0,
+    pipelines: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> RangeResult:
     """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``.
 
     ``max_size`` (0: off) scales frames down so that their longer side is at most that many pixels.
+    ``pipelines`` > 1 cuts the range into that many sub-ranges, each with its own decoder and encoder,
+    sharing the one scorer, and joins them by stream copy: on a GPU node one x264 encoder cannot keep up
+    with the GPU, several can.
     """
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
     encoder = encoder or EncoderOptions()
+    if pipelines > 1:
+        parts = _sub_ranges(source, http_headers, start, end, pipelines)
+        if len(parts) > 1:
+            return _run_parallel(source, output, scorer, parts, encoder, http_headers, max_size, progress)
+    result, _ = _run_single(source, output, scorer, start, end, encoder, http_headers, max_size, progress)
+    return result
+
+
+def _run_single(
+    source: str, output: Path, scorer: Scorer, start: Fraction, end: Fraction | None, encoder: EncoderOptions,
+    http_headers: Mapping[str, str] | None, max_size: int, progress: Callable[[int], None] | None,
+    allow_empty: bool = False,
+) -> tuple[RangeResult, list[float]]:
     began = time.perf_counter()
     timing = {"decode": 0.0, "score": 0.0, "encode": 0.0}
     stop = threading.Event()
@@ -184,6 +201,9 @@ def run_range(
             threads[1].join()
             if errors:
                 raise errors[0]
+            if not pts_seen and allow_empty:
+                writer.abort()
+                return _empty_result(output, scorer), []
             if not pts_seen:
                 raise InputError(f"no video frames in [{float(start)}, {_fmt(end)}) s of {Path(source).name}",
                                  field="range")
@@ -200,7 +220,7 @@ def run_range(
                 thread.join(timeout=10)
     seconds = time.perf_counter() - began
     tb = stream.time_base
-    return RangeResult(
+    result = RangeResult(
         output=str(output), frames=len(pts_seen), seconds=seconds, fps=len(pts_seen) / seconds,
         device=scorer.device, scorer=scorer.name, batch_size=batch,
         decode_seconds=timing["decode"], score_seconds=timing["score"], encode_seconds=timing["encode"],
@@ -210,6 +230,92 @@ def run_range(
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
         latency_ms=_distribution_ms(latencies), node=socket.gethostname(),
     )
+    return result, latencies
+
+
+def _sub_ranges(source: str, http_headers: Mapping[str, str] | None, start: Fraction, end: Fraction | None,
+                count: int) -> list[tuple[Fraction, Fraction | None]]:
+    """Equal time slices of [start, end); an open end is the stream's duration (one slice if unknown)."""
+    if end is None:
+        with media.open_source(source, http_headers) as container:
+            stream = container.streams.video[0]
+            if not stream.duration:
+                return [(start, None)]
+            end = Fraction(stream.start_time or 0) * stream.time_base + Fraction(stream.duration) * stream.time_base
+        if end <= start:
+            return [(start, None)]
+        cuts = [start + (end - start) * k / count for k in range(1, count)]
+        return list(zip([start, *cuts], [*cuts, None], strict=True))  # the last slice stays open-ended
+    cuts = [start + (end - start) * k / count for k in range(1, count)]
+    return list(zip([start, *cuts], [*cuts, end], strict=True))
+
+
+def _run_parallel(
+    source: str, output: Path, scorer: Scorer, parts: list[tuple[Fraction, Fraction | None]],
+    encoder: EncoderOptions, http_headers: Mapping[str, str] | None, max_size: int,
+    progress: Callable[[int], None] | None,
+) -> RangeResult:
+    from gpu_worker.stitch import stitch
+
+    began = time.perf_counter()
+    part_files = [output.with_name(f".{output.name}.part{i}.mp4") for i in range(len(parts))]
+    done = [0] * len(parts)
+    lock = threading.Lock()
+
+    def report(index: int, frames: int) -> None:
+        with lock:
+            done[index] = frames
+            if progress:
+                progress(sum(done))
+
+    results: list = [None] * len(parts)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = _run_single(source, part_files[index], scorer, *parts[index], encoder, http_headers,
+                                         max_size, lambda n: report(index, n), allow_empty=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(parts))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        used = [(f, r) for f, (r, _) in zip(part_files, results, strict=True) if r.frames]
+        if not used:
+            raise InputError(f"no video frames in [{float(parts[0][0])}, {_fmt(parts[-1][1])}) s of "
+                             f"{Path(source).name}", field="range")
+        t0 = time.perf_counter()
+        stitch([f for f, _ in used], output)
+        join_seconds = time.perf_counter() - t0
+    finally:
+        for f in part_files:
+            f.unlink(missing_ok=True)
+    seconds = time.perf_counter() - began
+    frames = sum(r.frames for _, r in used)
+    first, last = used[0][1], used[-1][1]
+    return RangeResult(
+        output=str(output), frames=frames, seconds=seconds, fps=frames / seconds, device=scorer.device,
+        scorer=scorer.name, batch_size=first.batch_size,
+        decode_seconds=sum(r.decode_seconds for _, r in used), score_seconds=sum(r.score_seconds for _, r in used),
+        encode_seconds=sum(r.encode_seconds for _, r in used) + join_seconds,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_device_memory_mb=scorer.peak_device_memory_mb(),
+        first_pts_seconds=first.first_pts_seconds, last_pts_seconds=last.last_pts_seconds,
+        latency_ms=_distribution_ms([x for r in results for x in r[1]]), node=socket.gethostname(),
+    )
+
+
+def _empty_result(output: Path, scorer: Scorer) -> RangeResult:
+    return RangeResult(output=str(output), frames=0, seconds=0.0, fps=0.0, device=scorer.device, scorer=scorer.name,
+                       batch_size=0, decode_seconds=0.0, score_seconds=0.0, encode_seconds=0.0, peak_rss_mb=0.0,
+                       peak_device_memory_mb=None, first_pts_seconds=None, last_pts_seconds=None, latency_ms={},
+                       node=socket.gethostname())
 
 
 def _distribution_ms(values: list[float]) -> dict[str, float]:
