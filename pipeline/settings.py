@@ -37,6 +37,7 @@ class Settings:
     batch_pool_id: str | None = None
     batch_worker_image: str | None = None
     batch_pool_identity: str | None = None  # resource id of the pool's user-assigned identity
+    batch_pool_identity_client_id: str | None = None  # its client id: workers ask the node's IMDS for its tokens
     # jobs
     segment_seconds: float = DEFAULT_SEGMENT_SECONDS
     max_segments: int = 5000
@@ -75,6 +76,7 @@ class Settings:
             batch_pool_id=get("BATCH_POOL_ID", None),
             batch_worker_image=get("BATCH_WORKER_IMAGE", None),
             batch_pool_identity=get("BATCH_POOL_IDENTITY_RESOURCE_ID", None),
+            batch_pool_identity_client_id=get("BATCH_POOL_IDENTITY_CLIENT_ID", None),
             segment_seconds=get("SEGMENT_SECONDS", base.segment_seconds, float),
             max_segments=get("MAX_SEGMENTS", base.max_segments, int),
             max_attempts=get("MAX_ATTEMPTS", base.max_attempts, int),
