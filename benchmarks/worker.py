@@ -59,10 +59,21 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
     return path
 
 
-def measure_ours(clip: Path, scorer, preset: str, workdir: Path, pipelines: int = 1) -> dict:
-    result = run_range(str(clip), workdir / "out.mp4", scorer, Fraction(0), None, encoder=EncoderOptions(preset=preset),
-                       pipelines=pipelines)
+def measure_ours(clip: Path, scorer, preset: str, workdir: Path) -> dict:
+    result = run_range(str(clip), workdir / "out.mp4", scorer, Fraction(0), None, encoder=EncoderOptions(preset=preset))
     return result.to_dict()
+
+
+def measure_cli(clip: Path, style: str, device: str, preset: str, processes: int, workdir: Path) -> dict:
+    """`python -m gpu_worker stylize` as a compute task runs it: start-up, model load and compile included."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(workdir / "cli.mp4"), "-s",
+                          style, "--device", device, "--preset", preset, "--pipelines", str(processes), "--json"],
+                         capture_output=True, text=True, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - started
+    return {"processes": processes, "preset": preset, "frames": summary["frames"], "wall_s": round(wall, 1),
+            "fps_with_startup": round(summary["frames"] / wall, 2), "fps_after_startup": summary["fps"]}
 
 
 def measure_model_only(scorer, width: int, height: int, device: torch.device, seconds: float = 3.0) -> float:
@@ -113,7 +124,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--style", default="7")
     parser.add_argument("--presets", default="veryfast")
-    parser.add_argument("--pipelines", default="1", help="comma list of decode/encode pipeline counts")
+    parser.add_argument("--processes", default="", help="also time the CLI with these --pipelines counts, e.g. 1,3")
     parser.add_argument("--compile", choices=("on", "off", "both"), default="on", help="torch.compile on CUDA")
     parser.add_argument("--reference-frames", type=int, default=10)
     parser.add_argument("--no-reference", action="store_true")
@@ -140,12 +151,12 @@ def main() -> int:
                 scorer.score(torch.rand(batch, 3, height, width, device=scorer.torch_device))  # load, compile, warm
                 warm_seconds = time.perf_counter() - started
                 model_fps = measure_model_only(scorer, width, height, scorer.torch_device)
-                for pipelines in [int(n) for n in args.pipelines.split(",")]:
+                for pipelines in [1]:
                     for preset in args.presets.split(","):
-                        ours = measure_ours(clip, scorer, preset, work, pipelines)
+                        ours = measure_ours(clip, scorer, preset, work)
                         key = (pipelines, preset)
                         if key not in codec:
-                            codec[key] = measure_ours(clip, IdentityScorer(device), preset, work, pipelines)["fps"]
+                            codec[key] = measure_ours(clip, IdentityScorer(device), preset, work)["fps"]
                         rows.append({"size": f"{width}x{height}", "device": scorer.device, "preset": preset,
                                      "pipelines": pipelines, "compiled": compiled == "1" and device != "cpu",
                                      "warmup_s": round(warm_seconds, 1), "frames": ours["frames"],
@@ -158,6 +169,11 @@ def main() -> int:
                                      "decode_s": ours["decode_seconds"], "score_s": ours["score_seconds"],
                                      "encode_s": ours["encode_seconds"]})
                         print(json.dumps(rows[-1]), flush=True)
+        for processes in [int(n) for n in args.processes.split(",") if n]:
+            for preset in args.presets.split(","):
+                run = measure_cli(clip, args.style, devices[-1], preset, processes, work)
+                rows.append({"size": f"{width}x{height}", "device": devices[-1], "cli": True, **run})
+                print(json.dumps(rows[-1]), flush=True)
     peers = []
     if args.peer:
         for name in ("bikes.mp4", "bigbuckbunny.mp4"):
@@ -183,6 +199,11 @@ def print_table(rows: list[dict], peers: list[dict]) -> None:
     print(f"\n{'size':>10} {'device':<22} {'preset':<9} {'pipes':>5} {'compiled':>8} {'ours fps':>9} {'model fps':>10} "
           f"{'codec fps':>10} {'ref fps':>8} {'ratio':>6}")
     for r in rows:
+        if r.get("cli"):
+            print(f"{r['size']:>10} CLI {r['device']:<18} {r['preset']:<9} {r['processes']:>5} processes: "
+                  f"{r['fps_after_startup']:.2f} fps after start-up, {r['fps_with_startup']:.2f} with it "
+                  f"({r['wall_s']} s)")
+            continue
         print(f"{r['size']:>10} {r['device'][:22]:<22} {r['preset']:<9} {r['pipelines']:>5} {r['compiled']!s:>8} "
               f"{r['ours_fps']:>9.2f} "
               f"{r['model_only_fps']:>10.2f} {r['codec_only_fps']:>10.2f} {r['reference_cpu_fps'] or 0:>8.2f} "

@@ -19,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
 
+import av
 import numpy as np
 import torch
 
@@ -94,23 +95,15 @@ def run_range(
     encoder: EncoderOptions | None = None,
     http_headers: Mapping[str, str] | None = None,
     max_size: int = 0,
-    pipelines: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> RangeResult:
     """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``.
 
     ``max_size`` (0: off) scales frames down so that their longer side is at most that many pixels.
-    ``pipelines`` > 1 cuts the range into that many sub-ranges, each with its own decoder and encoder,
-    sharing the one scorer, and joins them by stream copy: on a GPU node one x264 encoder cannot keep up
-    with the GPU, several can.
     """
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
     encoder = encoder or EncoderOptions()
-    if pipelines > 1:
-        parts = _sub_ranges(source, http_headers, start, end, pipelines)
-        if len(parts) > 1:
-            return _run_parallel(source, output, scorer, parts, encoder, http_headers, max_size, progress)
     result, _ = _run_single(source, output, scorer, start, end, encoder, http_headers, max_size, progress)
     return result
 
@@ -233,82 +226,25 @@ def _run_single(
     return result, latencies
 
 
-def _sub_ranges(source: str, http_headers: Mapping[str, str] | None, start: Fraction, end: Fraction | None,
+def split_range(source: str, http_headers: Mapping[str, str] | None, start: Fraction, end: Fraction | None,
                 count: int) -> list[tuple[Fraction, Fraction | None]]:
-    """Equal time slices of [start, end); an open end is the stream's duration (one slice if unknown)."""
+    """Equal time slices of [start, end) for parallel workers; an open end stays open on the last slice and
+    is measured by the stream's duration (one slice if that is unknown)."""
     if end is None:
         with media.open_source(source, http_headers) as container:
             stream = container.streams.video[0]
-            if not stream.duration:
+            if stream.duration:
+                end = (Fraction(stream.start_time or 0) + stream.duration) * stream.time_base
+            elif container.duration:  # Matroska and others give only the container's duration
+                end = Fraction(container.start_time or 0, av.time_base) + Fraction(container.duration, av.time_base)
+            else:
                 return [(start, None)]
-            end = Fraction(stream.start_time or 0) * stream.time_base + Fraction(stream.duration) * stream.time_base
         if end <= start:
             return [(start, None)]
         cuts = [start + (end - start) * k / count for k in range(1, count)]
         return list(zip([start, *cuts], [*cuts, None], strict=True))  # the last slice stays open-ended
     cuts = [start + (end - start) * k / count for k in range(1, count)]
     return list(zip([start, *cuts], [*cuts, end], strict=True))
-
-
-def _run_parallel(
-    source: str, output: Path, scorer: Scorer, parts: list[tuple[Fraction, Fraction | None]],
-    encoder: EncoderOptions, http_headers: Mapping[str, str] | None, max_size: int,
-    progress: Callable[[int], None] | None,
-) -> RangeResult:
-    from gpu_worker.stitch import stitch
-
-    began = time.perf_counter()
-    part_files = [output.with_name(f".{output.name}.part{i}.mp4") for i in range(len(parts))]
-    done = [0] * len(parts)
-    lock = threading.Lock()
-
-    def report(index: int, frames: int) -> None:
-        with lock:
-            done[index] = frames
-            if progress:
-                progress(sum(done))
-
-    results: list = [None] * len(parts)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            results[index] = _run_single(source, part_files[index], scorer, *parts[index], encoder, http_headers,
-                                         max_size, lambda n: report(index, n), allow_empty=True)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(parts))]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        used = [(f, r) for f, (r, _) in zip(part_files, results, strict=True) if r.frames]
-        if not used:
-            raise InputError(f"no video frames in [{float(parts[0][0])}, {_fmt(parts[-1][1])}) s of "
-                             f"{Path(source).name}", field="range")
-        t0 = time.perf_counter()
-        stitch([f for f, _ in used], output)
-        join_seconds = time.perf_counter() - t0
-    finally:
-        for f in part_files:
-            f.unlink(missing_ok=True)
-    seconds = time.perf_counter() - began
-    frames = sum(r.frames for _, r in used)
-    first, last = used[0][1], used[-1][1]
-    return RangeResult(
-        output=str(output), frames=frames, seconds=seconds, fps=frames / seconds, device=scorer.device,
-        scorer=scorer.name, batch_size=first.batch_size,
-        decode_seconds=sum(r.decode_seconds for _, r in used), score_seconds=sum(r.score_seconds for _, r in used),
-        encode_seconds=sum(r.encode_seconds for _, r in used) + join_seconds,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        peak_device_memory_mb=scorer.peak_device_memory_mb(),
-        first_pts_seconds=first.first_pts_seconds, last_pts_seconds=last.last_pts_seconds,
-        latency_ms=_distribution_ms([x for r in results for x in r[1]]), node=socket.gethostname(),
-    )
 
 
 def _empty_result(output: Path, scorer: Scorer) -> RangeResult:

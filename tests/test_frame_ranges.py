@@ -183,13 +183,3 @@ def test_pixels_survive_the_round_trip(case: str, tmp_path: Path) -> None:
     assert ours < ffmpegs + 1.0, (ours, ffmpegs)
 
 
-@pytest.mark.parametrize("case", ["bframes", "vfr", "mpegts_offset"])
-def test_parallel_pipelines_join_to_the_same_frames(case: str, tmp_path: Path) -> None:
-    """Sub-ranges with their own decoder and encoder, joined by stream copy, equal one pipeline's output."""
-    source = make_clip(tmp_path, case, seconds=3)
-    times = frame_times(source)
-    out = tmp_path / "out.mp4"
-    result = run_range(str(source), out, IdentityScorer(), times[5], None, pipelines=3)
-    assert frame_times(out) == [t for t in times if t >= times[5]]
-    assert result.frames == len(times) - 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, "out.mp4"])

@@ -157,3 +157,17 @@ def test_the_image_build_commands_run_outside_docker(tmp_path: Path) -> None:
     assert len(list(tmp_path.iterdir())) == 3  # the three networks, converted once
     smoke = worker("--help")
     assert smoke.returncode == 0 and "stylize" in smoke.stdout and "stitch" in smoke.stdout
+
+
+@pytest.mark.parametrize("case", ["vfr", "mpegts_offset"])
+def test_parallel_processes_join_to_the_same_frames(case: str, tmp_path: Path) -> None:
+    """--pipelines N: slices in separate processes, joined by stream copy, equal the one-process output."""
+    source = make_clip(tmp_path, case, seconds=3, size="64x48")
+    times = frame_times(source)
+    out = tmp_path / "out.mp4"
+    result = identity(str(source), out, "--start", str(float(times[5])), "--pipelines", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert frame_times(out) == [t for t in times if t >= times[5]]
+    assert summary["frames"] == len(times) - 5 and summary["processes"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, "out.mp4"])
