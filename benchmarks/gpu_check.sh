@@ -16,4 +16,4 @@ echo "cpus: $(nproc)"
 python3 -c "import torch, av; print('torch', torch.__version__, 'pyav', av.__version__)"
 timeout 120 python3 benchmarks/precision.py | tee "$results/precision.txt"
 timeout 420 python3 benchmarks/worker.py --device cuda --sizes 360,720,1080 --frames 400 \
-  --presets veryfast,superfast --pipelines 1,4 --no-reference --json "$results/gpu.json" | tee "$results/gpu.txt"
+  --presets veryfast,superfast --compile both --no-reference --json "$results/gpu.json" | tee "$results/gpu.txt"

