@@ -26,6 +26,8 @@ param batchAccountUrl string
 param batchPoolId string
 param batchWorkerImage string
 param poolIdentityId string
+@description('Client id of the Batch pool identity: workers ask IMDS for storage tokens with it')
+param poolIdentityClientId string
 param appInsightsConnectionString string
 @minValue(1)
 @maxValue(1000)
@@ -163,6 +165,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'BATCH_POOL_IDENTITY_RESOURCE_ID'
           value: poolIdentityId
+        }
+        {
+          name: 'BATCH_POOL_IDENTITY_CLIENT_ID'
+          value: poolIdentityClientId
         }
         // DefaultAzureCredential picks the user-assigned identity by this client id.
         {

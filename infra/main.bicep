@@ -52,6 +52,9 @@ param workerImage string = ''
 @maxValue(1000)
 param functionMaximumInstanceCount int = 40
 
+@description('Email address notified when a job fails (Azure Monitor alert); empty = the alert shows in the portal only.')
+param alertEmail string = ''
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -84,6 +87,17 @@ module monitoring 'monitoring.bicep' = {
     tags: tags
     logAnalyticsName: 'log-${resourceToken}'
     appInsightsName: 'appi-${resourceToken}'
+  }
+}
+
+module monitoringWorkbook 'monitoring/workbook.bicep' = {
+  name: 'monitoring-workbook'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    alertEmail: alertEmail
   }
 }
 
@@ -171,6 +185,7 @@ module functions 'functions.bicep' = {
     batchPoolId: batch.outputs.poolId
     batchWorkerImage: batchWorkerImage
     poolIdentityId: identity.outputs.poolIdentityId
+    poolIdentityClientId: identity.outputs.poolIdentityClientId
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
     maximumInstanceCount: functionMaximumInstanceCount
   }
@@ -213,6 +228,7 @@ output BATCH_ACCOUNT_URL string = batch.outputs.accountUrl
 output BATCH_POOL_ID string = batch.outputs.poolId
 output BATCH_WORKER_IMAGE string = batchWorkerImage
 output BATCH_POOL_IDENTITY_RESOURCE_ID string = identity.outputs.poolIdentityId
+output BATCH_POOL_IDENTITY_CLIENT_ID string = identity.outputs.poolIdentityClientId
 output AZURE_CONTAINER_REGISTRY_NAME string = registry.outputs.registryName
 output AZURE_CONTAINER_REGISTRY_ENDPOINT string = registry.outputs.loginServer
 output EVENTGRID_SYSTEM_TOPIC_NAME string = eventgridTopic.outputs.systemTopicName
