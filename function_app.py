@@ -19,7 +19,7 @@ import azurefunctions.extensions.bindings.blob as blob_sdk
 from activities.job_steps import bp as activities
 from gpu_worker.errors import InputError
 from orchestrators.stylize_video import bp as orchestrators
-from pipeline import jobs
+from pipeline import jobs, telemetry
 from pipeline.jobspec import JobSpec, instance_id, job_spec, orchestration_input, rejected_input
 from pipeline.runtime import services
 
@@ -27,6 +27,7 @@ app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(orchestrators)
 app.register_functions(activities)
 log = logging.getLogger("stylize.app")
+telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it, nothing starts
 
 ORCHESTRATION = "stylize_video"
 JOB_FIELDS = {"input", "style", "strength", "preserve_color", "max_size", "segment_seconds"}
@@ -121,6 +122,7 @@ async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     if runtime not in ACTIVE:
         return _error(409, f"job {job_id} is already {runtime}", "job_id")
     await starter.terminate(job_id, "canceled by request")
+    telemetry.job_canceled(job_id)
     job = (status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")).get("job")
     if job:  # stop its compute tasks and remove its work files now; the orchestration runs no more steps
         await asyncio.to_thread(jobs.cleanup, JobSpec.from_dict(job), services())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import azure.durable_functions as df
 
-from pipeline import jobs
+from pipeline import jobs, telemetry
 from pipeline.jobspec import JobSpec
 from pipeline.runtime import services
 
@@ -13,31 +13,45 @@ bp = df.Blueprint()
 
 @bp.activity_trigger(input_name="job")
 def prepare_job(job: dict) -> dict:
-    return jobs.prepare(JobSpec.from_dict(job), services())
+    spec, svc = JobSpec.from_dict(job), services()
+    with telemetry.activity(spec.job_id, "prepare_job", "probing",
+                            bytes_read=lambda: svc.storage.info(spec.input_container, spec.input_name).size):
+        return jobs.prepare(spec, svc)
 
 
 @bp.activity_trigger(input_name="request")
 def submit_segments(request: dict) -> int:
     pairs = [(int(index), int(attempt)) for index, attempt in request["segments"]]
-    return jobs.submit_segments(JobSpec.from_dict(request["job"]), services(), pairs)
+    spec = JobSpec.from_dict(request["job"])
+    with telemetry.activity(spec.job_id, "submit_segments", "scoring"):
+        return jobs.submit_segments(spec, services(), pairs)
 
 
 @bp.activity_trigger(input_name="request")
 def poll_tasks(request: dict) -> dict:
-    return jobs.poll(JobSpec.from_dict(request["job"]), services(), request["total"], request["attempts"],
-                     request["stitch_attempt"])
+    spec = JobSpec.from_dict(request["job"])
+    with telemetry.activity(spec.job_id, "poll_tasks", "scoring", quiet=True):  # every tick: failures only
+        return jobs.poll(spec, services(), request["total"], request["attempts"], request["stitch_attempt"])
 
 
 @bp.activity_trigger(input_name="request")
 def submit_stitch(request: dict) -> int:
-    return jobs.submit_stitch(JobSpec.from_dict(request["job"]), services(), request["total"], request["attempt"])
+    spec = JobSpec.from_dict(request["job"])
+    with telemetry.activity(spec.job_id, "submit_stitch", "stitching"):
+        return jobs.submit_stitch(spec, services(), request["total"], request["attempt"])
 
 
 @bp.activity_trigger(input_name="request")
 def finalize_job(request: dict) -> dict:
-    return jobs.finalize(JobSpec.from_dict(request["job"]), services(), request["summary"])
+    spec, svc = JobSpec.from_dict(request["job"]), services()
+    output = svc.settings.output_container
+    with telemetry.activity(spec.job_id, "finalize_job", "finishing",
+                            bytes_written=lambda: svc.storage.info(output, spec.output_name).size):
+        return jobs.finalize(spec, svc, request["summary"])
 
 
 @bp.activity_trigger(input_name="job")
 def cleanup_job(job: dict) -> int:
-    return jobs.cleanup(JobSpec.from_dict(job), services())
+    spec = JobSpec.from_dict(job)
+    with telemetry.activity(spec.job_id, "cleanup_job", "cleanup"):
+        return jobs.cleanup(spec, services())

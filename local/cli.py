@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run_job(args, work)
     finally:
+        from pipeline import telemetry
+
+        telemetry.shutdown()  # send what the run recorded (bounded wait); a no-op without a connection string
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import logging
 import azure.durable_functions as df
 
 from gpu_worker.errors import InputError
+from pipeline import telemetry
 from pipeline.jobs import SUBMIT_CHUNK
 from pipeline.progress import failure, job_status
 
@@ -34,6 +35,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
         rejected = args["rejected"]
         context.set_custom_status({"stage": "failed", "input": rejected["input"],
                                    "error": {"kind": "input", "message": rejected["message"]}})
+        telemetry.job_failed(context, {"kind": "input", "message": rejected["message"]})
         raise InputError(rejected["message"])
     job, options = args["job"], args["options"]
     state = args.get("state") or {}
@@ -43,6 +45,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
     def report(stage: str, poll: dict | None = None, error: dict | None = None) -> None:
         context.set_custom_status(job_status(stage, job, prepared, poll, started,
                                              context.current_utc_datetime, error))
+        telemetry.job_stage(context, stage, state)  # stage durations, kept in state; records only when live
 
     def info(message: str, *values) -> None:
         if not context.is_replaying:
@@ -59,7 +62,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
                 context.call_activity("submit_segments", {"job": job, "segments": pairs[i:i + SUBMIT_CHUNK]})
                 for i in range(0, len(pairs), SUBMIT_CHUNK)
             ])
-            state = {"prepared": prepared, "started": started, "attempts": {}, "ticks": 0}
+            state = {**state, "prepared": prepared, "started": started, "attempts": {}, "ticks": 0}
 
         total, attempts = prepared["segments"], state["attempts"]
         while "stitch_attempt" not in state:
@@ -118,11 +121,13 @@ def stylize_video(context: df.DurableOrchestrationContext):
         yield context.call_activity("cleanup_job", job)
         report("completed", {"succeeded": total, "frames_done": state["frames"]})
         info("completed: %d frames in %.0f s", summary["frames"], elapsed)
+        telemetry.job_completed(context, summary, state)
         return {"job_id": job["job_id"], "output": job["output_name"], **summary}
     except Exception as exc:
         error = failure(exc)
         report("failed", error=error)
         info("failed: %s", error["message"])
+        telemetry.job_failed(context, error, state)
         try:
             yield context.call_activity("cleanup_job", job)
         except Exception:  # the job's own failure is the one to report

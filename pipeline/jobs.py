@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gpu_worker.errors import InputError
 from gpu_worker.media import probe
+from pipeline import telemetry
 from pipeline.compute import ComputeBackend, Task
 from pipeline.jobspec import JobSpec
 from pipeline.plan import plan_segments
@@ -97,6 +98,7 @@ def submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]]
 def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stitch_attempt: int | None) -> dict:
     """Where the job's tasks stand, for the segments' current attempts (and the stitch, once submitted)."""
     states = svc.compute.poll(job.job_id)
+    telemetry.tasks_polled(job.job_id, states)  # each finished task's figures or failure, once
     succeeded, running, frames = 0, 0, 0
     failed = []
     for index in range(total):
