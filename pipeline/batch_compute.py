@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import re
 import shlex
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_worker.errors import InputError
-from pipeline.compute import OUTPUT_FILE, STDERR_TAIL, JobCanceled, Task, TaskState
+from pipeline.compute import OUTPUT_FILE, STDERR_TAIL, JobCanceled, Task, TaskState, last_json_line
 from pipeline.settings import Settings
 from pipeline.storage import Storage
 
@@ -393,7 +392,7 @@ class BatchCompute:
         result = _value(info.result) if info else None
         if result == "success" or (result is None and code == 0 and not (info and info.failure_info)):
             stdout = self._read_log(job, task.id, STDOUT_LOG)
-            summary = _last_json(stdout or "")
+            summary = last_json_line(stdout or "")
             return TaskState(task.id, "succeeded", exit_code=0 if code is None else code, summary=summary), \
                 stdout is not None
         stderr = self._read_log(job, task.id, STDERR_LOG)
@@ -439,17 +438,6 @@ def _failure_text(stderr: str, code: int | None, failure: Any) -> str:
         return "\n".join(lines)[-STDERR_TAIL:]
     suffix = f" (exit code {code})" if code is not None else ""
     return "\n".join(lines)[-(STDERR_TAIL - len(suffix)):] + suffix
-
-
-def _last_json(stdout: str) -> dict | None:
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
 
 
 def _registry_server(image: str) -> str | None:

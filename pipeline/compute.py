@@ -161,7 +161,7 @@ class LocalCompute:
                     self._running.pop((job_id, task.id), None)
             if proc.returncode != 0:
                 return TaskState(task.id, "failed", exit_code=proc.returncode, error=_tail(stderr, proc.returncode))
-            summary = _last_json(stdout)
+            summary = last_json_line(stdout)
             self.storage.upload_file(workdir / OUTPUT_FILE, task.output_container, task.output_name)
             return TaskState(task.id, "succeeded", exit_code=0, summary=summary)
         except Exception as exc:  # an upload or spawn failure fails the task, not the host
@@ -177,7 +177,8 @@ def _tail(stderr: str, code: int) -> str:
     return "\n".join(lines[-3:])[-STDERR_TAIL:]
 
 
-def _last_json(stdout: str) -> dict | None:
+def last_json_line(stdout: str) -> dict | None:
+    """The worker's --json summary: the last line of its output that is a JSON object."""
     for line in reversed(stdout.strip().splitlines()):
         try:
             value = json.loads(line)
