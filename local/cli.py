@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--app", required=True, help="https://<function app>.azurewebsites.net")
     ss.add_argument("--key", default=os.environ.get("STYLIZE_FUNCTION_KEY"), help="function key (or env)")
     ss.add_argument("--once", action="store_true", help="print the status once and exit")
+    ss.add_argument("--interval", type=float, default=5.0, help="seconds between polls (default 5)")
     return parser
 
 

@@ -41,11 +41,10 @@ def follow(args: argparse.Namespace) -> int:
     from local.cli import progress_line
 
     url = f"{args.app.rstrip('/')}/api/jobs/{args.job_id}"
-    if args.key:
-        url += f"?code={args.key}"
+    headers = {"x-functions-key": args.key} if args.key else {}  # a header keeps the key out of URLs and logs
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
                 status = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise InputError(f"status endpoint answered {exc.code}: {exc.read().decode()[:200]}") from None
@@ -54,4 +53,4 @@ def follow(args: argparse.Namespace) -> int:
             print(json.dumps(status, indent=1))
             return 0 if runtime == "Completed" or args.once else 1
         print(f"\r{progress_line(status):<78}", end="", file=sys.stderr, flush=True)
-        time.sleep(5)
+        time.sleep(args.interval)

@@ -200,3 +200,46 @@ def test_unknown_job_is_404(local_app) -> None:
     host, _ = local_app
     assert call(host, "get_job", route={"job_id": "nope"})[0] == 404
     assert call(host, "cancel_job", "POST", route={"job_id": "nope"})[0] == 404
+
+
+def test_stylize_status_follows_a_job_over_http(local_app, clip: Path) -> None:
+    """`stylize status` against the Function App's GET /api/jobs/{id}, served on loopback from the local host."""
+    import http.server
+    import subprocess
+    import sys
+
+    host, svc = local_app
+    seen_keys = []
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen_keys.append(self.headers.get("x-functions-key"))
+            job_id = self.path.split("?")[0].rsplit("/", 1)[-1]
+            code, body = call(host, "get_job", route={"job_id": job_id})
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job_id = start(host, input=put_input(svc, clip), style="7")
+        follow = subprocess.run(
+            [sys.executable, "-m", "local.cli", "status", job_id, "--app", f"http://127.0.0.1:{server.server_port}",
+             "--key", "k3y", "--interval", "0.3"], capture_output=True, text=True, timeout=300,
+            cwd=Path(__file__).resolve().parents[1])
+        missing = subprocess.run(
+            [sys.executable, "-m", "local.cli", "status", "nope", "--app", f"http://127.0.0.1:{server.server_port}"],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        server.shutdown()
+    assert follow.returncode == 0, follow.stderr
+    final = json.loads(follow.stdout)
+    assert final["runtime_status"] == "Completed" and final["frames"]["done"] == len(frame_times(clip))
+    assert set(seen_keys[:-1]) == {"k3y"}
+    assert missing.returncode == 2 and "status endpoint answered 404" in missing.stderr
