@@ -123,6 +123,7 @@ resource logsContainer 'Microsoft.Storage/storageAccounts/blobServices/container
 }
 
 // Segments in work/ are scratch: a finished job deletes them, this rule catches the ones left behind.
+// Task logs in logs/ are kept on purpose (cleanup leaves them for diagnosis), for 30 days.
 resource dataLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: dataAccount
   name: 'default'
@@ -146,6 +147,28 @@ resource dataLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@202
               baseBlob: {
                 delete: {
                   daysAfterModificationGreaterThan: 1
+                }
+              }
+            }
+          }
+        }
+        {
+          name: 'delete-task-logs-after-30-days'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: {
+              blobTypes: [
+                'blockBlob'
+              ]
+              prefixMatch: [
+                '${logsContainerName}/'
+              ]
+            }
+            actions: {
+              baseBlob: {
+                delete: {
+                  daysAfterModificationGreaterThan: 30
                 }
               }
             }

@@ -264,6 +264,13 @@ def test_data_account_containers_soft_delete_and_work_lifecycle():
     ]
     assert len(work_rules) == 1 and work_rules[0]["enabled"] is True
     assert work_rules[0]["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 1}
+    log_rules = [
+        r
+        for r in rules
+        if [resolve_text("storage.bicep", p) for p in r["definition"]["filters"]["prefixMatch"]] == ["logs/"]
+    ]
+    assert len(log_rules) == 1  # task logs are kept for diagnosis, but not forever
+    assert log_rules[0]["definition"]["actions"]["baseBlob"]["delete"] == {"daysAfterModificationGreaterThan": 30}
 
     # main.bicep passes the same literal names the app settings and roles.bicep use.
     storage_params = tree("main.bicep")["modules"]["storage"]["config"]["params"]
