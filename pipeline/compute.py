@@ -142,7 +142,8 @@ class LocalCompute:
         workdir = self.scratch / job_id / task.id
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1"}
+        # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
+        env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1", "WORKER_PARENT_PID": str(os.getpid())}
         try:
             with self._lock:
                 if job_id in self._canceled:

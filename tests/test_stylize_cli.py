@@ -82,3 +82,31 @@ def test_function_app_does_not_import_torch() -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
+    """`stylize run` killed mid-job: no output, no worker left running; the same command then succeeds."""
+    import signal
+    import time
+
+    import psutil
+
+    source = make_clip(tmp_path, "bframes", seconds=6, size="320x240")  # one task of several seconds
+    out = tmp_path / "out.mp4"
+    args = [sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    workers: list = []
+    while time.monotonic() < deadline and not workers:
+        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    assert workers, "no worker process started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=2)  # far less than the task needs to finish by itself
+    assert not alive, "workers outlived the killed run"
+    assert not out.exists() and not list(tmp_path.glob(".out.mp4*"))
+    again = stylize("run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert frame_times(out) == frame_times(source)
