@@ -54,7 +54,7 @@ def prepare(job: JobSpec, svc: Services) -> dict:
     if not job.style[0].isdigit() and svc.storage.info(s.styles_container, job.style) is None:
         raise InputError(f"style image {job.style!r} is not in the '{s.styles_container}' container",
                          field="style")
-    info = probe(svc.storage.reader_url(job.input_container, job.input_name))
+    info = probe(svc.storage.reader_url(job.input_container, job.input_name), svc.storage.reader_headers())
     duration = info.duration_seconds
     if duration is not None and duration > s.max_duration_seconds:
         raise InputError(f"the video is {duration / 60:.0f} minutes long; the limit is "

@@ -29,6 +29,7 @@ class BlobInfo:
 
 class Storage(Protocol):
     def reader_url(self, container: str, name: str) -> str: ...
+    def reader_headers(self) -> dict[str, str] | None: ...
     def info(self, container: str, name: str) -> BlobInfo | None: ...
     def upload_file(self, path: Path, container: str, name: str, metadata: Mapping[str, str] | None = None) -> None: ...
     def download_file(self, container: str, name: str, path: Path) -> None: ...
@@ -51,6 +52,9 @@ class LocalStorage:
 
     def reader_url(self, container: str, name: str) -> str:
         return str(self.path(container, name))
+
+    def reader_headers(self) -> dict[str, str] | None:
+        return None
 
     def _meta_path(self, container: str, name: str) -> Path:
         path = self.path(container, name)
@@ -115,6 +119,7 @@ class BlobStorage:
                  credential: object | None = None) -> None:
         from azure.storage.blob import BlobServiceClient
 
+        self._credential = None
         if connection_string:
             self.service = BlobServiceClient.from_connection_string(connection_string)
         elif account_url:
@@ -123,6 +128,7 @@ class BlobStorage:
 
                 credential = DefaultAzureCredential()
             self.service = BlobServiceClient(account_url, credential=credential)
+            self._credential = credential
         else:
             raise ValueError("BlobStorage needs DATA_STORAGE_ACCOUNT_URL (or a connection string for Azurite)")
 
@@ -132,6 +138,16 @@ class BlobStorage:
 
     def reader_url(self, container: str, name: str) -> str:
         return self._blob(container, name).url
+
+    def reader_headers(self) -> dict[str, str] | None:
+        """What this process (the Function App probing a source) sends to read blobs by URL: an Entra ID
+        token from its own identity. Workers get theirs themselves (gpu_worker.source_auth)."""
+        if self._credential is None or not hasattr(self._credential, "get_token"):
+            return None
+        from gpu_worker.source_auth import STORAGE_API_VERSION
+
+        token = self._credential.get_token("https://storage.azure.com/.default").token
+        return {"Authorization": f"Bearer {token}", "x-ms-version": STORAGE_API_VERSION}
 
     def info(self, container: str, name: str) -> BlobInfo | None:
         from azure.core.exceptions import ResourceNotFoundError

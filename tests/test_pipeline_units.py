@@ -142,3 +142,24 @@ def test_blob_storage_on_azurite(azurite: str, tmp_path: Path) -> None:
     storage.service.create_container("work")
     exercise_storage(storage, tmp_path)
     assert storage.reader_url("input", "a b.mp4").endswith("/input/a%20b.mp4")
+
+
+def test_blob_storage_reads_sources_with_its_identity_token() -> None:
+    """In Azure the Function probes the private source over HTTPS with a bearer token, never a key or SAS."""
+    from azure.core.credentials import AccessToken
+
+    class Identity:
+        def __init__(self) -> None:
+            self.scopes: list[str] = []
+
+        def get_token(self, *scopes: str, **kwargs) -> AccessToken:
+            self.scopes.extend(scopes)
+            return AccessToken("t0ken", 4_102_444_800)
+
+    identity = Identity()
+    storage = BlobStorage(account_url="https://acct.blob.core.windows.net", credential=identity)
+    headers = storage.reader_headers()
+    assert headers["Authorization"] == "Bearer t0ken" and headers["x-ms-version"]
+    assert identity.scopes == ["https://storage.azure.com/.default"]
+    assert storage.reader_url("input", "a.mp4") == "https://acct.blob.core.windows.net/input/a.mp4"
+    assert LocalStorage(Path("/tmp")).reader_headers() is None
