@@ -145,6 +145,9 @@ class LocalCompute:
         # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
         env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1", "WORKER_PARENT_PID": str(os.getpid())}
         try:
+            headers = self.storage.reader_headers()  # Blob Storage with an identity: workers read with its
+            if headers:  # token, passed in the environment, never on the command line
+                env["WORKER_STORAGE_TOKEN"] = headers["Authorization"].removeprefix("Bearer ")
             with self._lock:
                 if job_id in self._canceled:
                     return TaskState(task.id, "failed", error="canceled")
