@@ -70,6 +70,9 @@ class Bench:
     def run(self, rounds: int) -> None:
         for _ in range(rounds):
             for name, run in self.runs.items():
+                # Let the previous variant's idle worker threads stop spinning (onnxruntime's pool and
+                # OpenMP both busy-wait for a while after a call) before timing the next one.
+                time.sleep(0.3)
                 t = CLOCK()
                 run()
                 self.times[name].append(CLOCK() - t)
