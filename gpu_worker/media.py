@@ -122,7 +122,7 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
         elif container.duration:
             duration = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
-        sar = _sample_aspect(stream)
+        sar = sample_aspect(stream)
         rotation = first.rotation % 360
         dw, dh = display_size(first.width, first.height, sar, rotation)
         audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
@@ -151,7 +151,8 @@ def check_size(width: int, height: int, name: str) -> None:
         raise InputError(f"{Path(name).name} is {width}x{height}: frames must be 2 to {MAX_SIDE} pixels a side")
 
 
-def _sample_aspect(stream: av.VideoStream) -> Fraction:
+def sample_aspect(stream: av.VideoStream) -> Fraction:
+    """The stream's sample (pixel) aspect ratio; 1 when it is unset or invalid."""
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     return Fraction(sar) if sar and sar > 0 else Fraction(1)
 

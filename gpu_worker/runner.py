@@ -306,8 +306,7 @@ def _scaled(height: int, width: int, max_size: int) -> tuple[int, int]:
 
 
 def _stored_sar(stream, turns: int) -> Fraction:
-    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
-    sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
+    sar = media.sample_aspect(stream)
     return 1 / sar if turns % 2 else sar  # a quarter turn swaps which axis the pixels stretch
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gpu_worker.errors import InputError
 from gpu_worker.media import probe
+from gpu_worker.style_spec import parse_style
 from pipeline import telemetry
 from pipeline.compute import ComputeBackend, Task
 from pipeline.jobspec import JobSpec
@@ -51,7 +52,8 @@ def prepare(job: JobSpec, svc: Services) -> dict:
     s = svc.settings
     if svc.storage.info(job.input_container, job.input_name) is None:
         raise InputError(f"input {job.input_container}/{job.input_name} does not exist", field="input")
-    if not job.style[0].isdigit() and svc.storage.info(s.styles_container, job.style) is None:
+    image = _style_image(job)
+    if image is not None and svc.storage.info(s.styles_container, image) is None:
         raise InputError(f"style image {job.style!r} is not in the '{s.styles_container}' container",
                          field="style")
     info = probe(svc.storage.reader_url(job.input_container, job.input_name), svc.storage.reader_headers())
@@ -67,10 +69,14 @@ def prepare(job: JobSpec, svc: Services) -> dict:
             "width": info.display_width, "height": info.display_height, "audio": info.audio_codec}
 
 
+def _style_image(job: JobSpec) -> str | None:
+    """The style image's name in the styles container, or None for built-in styles (the spec parser decides)."""
+    return parse_style(job.style).image
+
+
 def _worker_style_args(job: JobSpec, svc: Services) -> list[str]:
-    style = job.style
-    if not style[0].isdigit():
-        style = svc.storage.reader_url(svc.settings.styles_container, style)
+    image = _style_image(job)
+    style = job.style if image is None else svc.storage.reader_url(svc.settings.styles_container, image)
     args = ["--style", style, "--strength", str(job.strength)]
     if job.preserve_color:
         args.append("--preserve-color")
