@@ -179,16 +179,33 @@ def decode_range(
     """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start."""
     lo, hi = range_pts(start, end, stream.time_base)
     frames = _seek_before(container, stream, lo)
+    decoded_to = None  # where the last decoded frame ends
     try:
         for frame in frames:
             if frame.pts is None:
                 raise InputError("the video has frames without timestamps; remux it (e.g. to MP4) first")
             if hi is not None and frame.pts >= hi:
                 return
+            decoded_to = frame.pts + (frame.duration or 0)
             if frame.pts >= lo:
                 yield frame
     except av.error.FFmpegError as exc:
         raise InputError(f"the video cannot be decoded past this point ({exc.strerror})") from None
+    _check_not_truncated(stream, lo if decoded_to is None else decoded_to, hi)
+
+
+def _check_not_truncated(stream: av.VideoStream, decoded_to: int, hi: int | None) -> None:
+    """The frames ran out before the range's end although the stream's index says there are more: the file was
+    cut short (an upload that stopped half way) and would otherwise give a video with its end missing."""
+    if not stream.duration:
+        return  # no index to compare with (MPEG-TS, most MKV): the frames are all there is
+    declared_end = (stream.start_time or 0) + stream.duration
+    expected = declared_end if hi is None else min(hi, declared_end)
+    rate = float(stream.average_rate or 25)
+    tolerance = max(0.25, 3 / rate) / stream.time_base
+    if expected - decoded_to > tolerance:
+        raise InputError(f"the video stops at {float(decoded_to * stream.time_base):.2f} s but the file says it "
+                         f"lasts {float(declared_end * stream.time_base):.2f} s: it is truncated or damaged")
 
 
 def _seek_before(container: av.container.InputContainer, stream: av.VideoStream, lo: int) -> Iterator[av.VideoFrame]:

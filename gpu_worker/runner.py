@@ -205,6 +205,8 @@ def _run_single(
             timing["encode"] += time.perf_counter() - t0
         except BaseException:
             stop.set()
+            for thread in threads:  # the encoder may be inside the muxer: closing it under its feet crashes
+                thread.join(timeout=10)
             writer.abort()
             raise
         finally:
