@@ -75,9 +75,7 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     options = {k: v for k, v in body.items() if k != "input"}
     try:
         job = job_spec("pending", container, body["input"], options, svc.settings)
-        info = await asyncio.to_thread(svc.storage.info, container, body["input"])
-        if info is None:
-            raise InputError(f"input {body['input']!r} is not in the '{container}' container", field="input")
+        info = await asyncio.to_thread(jobs.check_sources, job, svc)
     except InputError as exc:
         return _error(400, str(exc), exc.field)
     # Same video version and same options → same job: a retried POST does not start a second run.

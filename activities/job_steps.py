@@ -1,9 +1,14 @@
-"""Activities: thin adapters from orchestration payloads (small JSON) to the steps in pipeline.jobs."""
+"""Activities: thin adapters from orchestration payloads (small JSON) to the steps in pipeline.jobs.
+
+The orchestrator retries every activity that raises (a storage or Batch API hiccup), so an error that
+retrying cannot fix — bad input — comes back as a result instead of an exception.
+"""
 
 from __future__ import annotations
 
 import azure.durable_functions as df
 
+from gpu_worker.errors import InputError
 from pipeline import jobs, telemetry
 from pipeline.jobspec import JobSpec
 from pipeline.runtime import services
@@ -13,10 +18,14 @@ bp = df.Blueprint()
 
 @bp.activity_trigger(input_name="job")
 def prepare_job(job: dict) -> dict:
+    """The plan's summary, or ``{"input_error": message}`` when the input cannot be processed."""
     spec, svc = JobSpec.from_dict(job), services()
-    with telemetry.activity(spec.job_id, "prepare_job", "probing",
-                            bytes_read=lambda: svc.storage.info(spec.input_container, spec.input_name).size):
-        return jobs.prepare(spec, svc)
+    try:
+        with telemetry.activity(spec.job_id, "prepare_job", "probing",
+                                bytes_read=lambda: svc.storage.info(spec.input_container, spec.input_name).size):
+            return jobs.prepare(spec, svc)
+    except InputError as exc:  # recorded as the activity's failure, returned as its result
+        return {"input_error": str(exc)}
 
 
 @bp.activity_trigger(input_name="request")
@@ -43,11 +52,15 @@ def submit_stitch(request: dict) -> int:
 
 @bp.activity_trigger(input_name="request")
 def finalize_job(request: dict) -> dict:
+    """The manifest, or ``{"input_error": message}`` when the input changed while the job ran."""
     spec, svc = JobSpec.from_dict(request["job"]), services()
     output = svc.settings.output_container
-    with telemetry.activity(spec.job_id, "finalize_job", "finishing",
-                            bytes_written=lambda: svc.storage.info(output, spec.output_name).size):
-        return jobs.finalize(spec, svc, request["summary"])
+    try:
+        with telemetry.activity(spec.job_id, "finalize_job", "finishing",
+                                bytes_written=lambda: svc.storage.info(output, spec.output_name).size):
+            return jobs.finalize(spec, svc, request["summary"])
+    except InputError as exc:
+        return {"input_error": str(exc)}
 
 
 @bp.activity_trigger(input_name="job")
@@ -55,3 +68,4 @@ def cleanup_job(job: dict) -> int:
     spec = JobSpec.from_dict(job)
     with telemetry.activity(spec.job_id, "cleanup_job", "cleanup"):
         return jobs.cleanup(spec, services())
+

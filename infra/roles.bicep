@@ -10,7 +10,8 @@
 //   App Insights     Monitoring Metrics Publisher    keyless telemetry (DisableLocalAuth)
 // Batch pool identity (pool), container scope on the data account:
 //   input, styles         Storage Blob Data Reader
-//   work, output, logs    Storage Blob Data Contributor
+//   work, logs            Storage Blob Data Contributor   (segments and the stitched video go to work;
+//                                                        the app publishes outputs, so the pool cannot overwrite them)
 //   registry              AcrPull
 // The person running `azd up` (optional, principalId from azd): upload to input/styles, read output.
 
@@ -188,16 +189,6 @@ resource poolStyles 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 resource poolWork 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(workContainer.id, poolPrincipalId, roleIds.storageBlobDataContributor)
   scope: workContainer
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
-    principalId: poolPrincipalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-resource poolOutput 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(outputContainer.id, poolPrincipalId, roleIds.storageBlobDataContributor)
-  scope: outputContainer
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
     principalId: poolPrincipalId

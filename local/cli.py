@@ -105,13 +105,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_job(args: argparse.Namespace, work: Path) -> int:
+    from dataclasses import replace
+
     import azure.functions as func
 
     from pipeline import runtime
     from pipeline.settings import Settings
 
-    settings = Settings(storage="local", storage_root=work, compute="local", local_workers=max(1, args.workers),
-                        poll_seconds=0.5, **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
+    # Limits and defaults come from the same settings as in Azure (MAX_DURATION_SECONDS, …); where work runs
+    # is this machine, whatever the environment says.
+    settings = replace(Settings.from_env(), storage="local", storage_root=work, compute="local",
+                       local_workers=max(1, args.workers), poll_seconds=0.5,
+                       **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
     svc = runtime.configure(settings)
     # The video and a style image are linked into the local "containers", never copied.
     _link(args.video, work / settings.input_container / args.video.name)

@@ -155,32 +155,39 @@ def _parse_fire_at(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _run_maybe_async(result: Any) -> Any:
-    """Await a coroutine on a private event loop (works whether or not this thread has one running)."""
-    if not inspect.isawaitable(result):
-        return result
+class _EventLoopThread:
+    """One event loop in its own thread for every async function, as the Python worker has: concurrent HTTP
+    invocations and async activities share it (and the Durable SDK's one aiohttp session belongs to it)."""
 
-    async def _await() -> Any:
-        return await result
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="durable-host-loop")
+        self._thread.start()
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_await())
-    box: dict[str, Any] = {}
+    def run(self, result: Any) -> Any:
+        """``result`` itself, or what it resolves to when it is awaitable (waits in the calling thread)."""
+        if not inspect.isawaitable(result):
+            return result
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("cannot wait for the host's event loop from inside it")
 
-    def _other_thread() -> None:
-        try:
-            box["value"] = asyncio.run(_await())
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
+        async def _await() -> Any:
+            from azure.durable_functions.models.utils import http_utils
 
-    worker = threading.Thread(target=_other_thread, name="durable-host-invoke")
-    worker.start()
-    worker.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+            session = http_utils._client_session  # one made on another loop (a test's asyncio.run) is unusable
+            if session is not None and getattr(session, "_loop", None) is not self.loop:
+                http_utils._client_session = None
+            return await result
+
+        return asyncio.run_coroutine_threadsafe(_await(), self.loop).result()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close_client_session(), self.loop).result(timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 @dataclass
@@ -296,6 +303,7 @@ class LocalDurableHost:
         self._lock = threading.RLock()
         self._instances: dict[str, _Instance] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="durable-activity")
+        self._async = _EventLoopThread()
         self._closed = False
         self._http: Any = None
         self.orchestrators: dict[str, _Registered] = {}
@@ -439,7 +447,7 @@ class LocalDurableHost:
         for binding in function.get_bindings():
             if getattr(binding, "type", None) == "durableClient" and binding.name not in kwargs:
                 kwargs[binding.name] = self.client_binding_json()
-        return _run_maybe_async(_with_fresh_client_session(function.get_user_function(), kwargs))
+        return self._async.run(function.get_user_function()(**kwargs))
 
     def close(self) -> None:
         """Stop all drivers, the activity pool and the HTTP server; instances keep their last status."""
@@ -454,6 +462,7 @@ class LocalDurableHost:
         if http is not None:
             http.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._async.close()
 
     def __enter__(self) -> LocalDurableHost:
         return self
@@ -562,36 +571,11 @@ class LocalDurableHost:
             except json.JSONDecodeError:
                 value = input_json
             result = entry.fn(**{entry.binding: value}) if entry.pass_by_keyword else entry.fn(value)
-            result_json = df_dumps(_run_maybe_async(result))  # ActivityTriggerConverter.encode
+            result_json = df_dumps(self._async.run(result))  # ActivityTriggerConverter.encode
             inst.inbox.put(("task", generation, task_id, True, result_json))
         except Exception as exc:
             reason = f"Activity function '{name}' failed: {type(exc).__name__}: {exc}"
             inst.inbox.put(("task", generation, task_id, False, (reason, traceback.format_exc())))
-
-
-def _with_fresh_client_session(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """Call ``fn``; if it is async, wrap it so the SDK's shared aiohttp session belongs to this loop.
-
-    ``azure.durable_functions.models.utils.http_utils`` keeps one module-level ClientSession; the
-    worker has a single event loop, but every local ``asyncio.run`` has a new one, so a session left
-    over from another loop is dropped before the call and this loop's session is closed after it.
-    """
-    result = fn(**kwargs)
-    if not inspect.isawaitable(result):
-        return result
-
-    async def _guarded() -> Any:
-        from azure.durable_functions.models.utils import http_utils
-
-        session = http_utils._client_session
-        if session is not None and getattr(session, "_loop", None) is not asyncio.get_running_loop():
-            http_utils._client_session = None
-        try:
-            return await result
-        finally:
-            await close_client_session()
-
-    return _guarded()
 
 
 async def close_client_session() -> None:

@@ -38,6 +38,12 @@ def stylize_video(context: df.DurableOrchestrationContext):
         telemetry.job_failed(context, {"kind": "input", "message": rejected["message"]})
         raise InputError(rejected["message"])
     job, options = args["job"], args["options"]
+    retry = df.RetryOptions(round(1000 * options.get("activity_retry_seconds", 5.0)),
+                            options.get("activity_attempts", 4))
+
+    def call(activity: str, payload: dict):
+        return context.call_activity_with_retry(activity, retry, payload)
+
     state = args.get("state") or {}
     prepared = state.get("prepared")
     started = state.get("started") or context.current_utc_datetime.isoformat()
@@ -54,20 +60,19 @@ def stylize_video(context: df.DurableOrchestrationContext):
     try:
         if prepared is None:
             report("probing")
-            prepared = yield context.call_activity("prepare_job", job)
+            prepared = _unless_bad_input((yield call("prepare_job", job)))
             info("%d segments planned", prepared["segments"])
             report("scoring")
             pairs = [(i, 0) for i in range(prepared["segments"])]
             yield context.task_all([
-                context.call_activity("submit_segments", {"job": job, "segments": pairs[i:i + SUBMIT_CHUNK]})
+                call("submit_segments", {"job": job, "segments": pairs[i:i + SUBMIT_CHUNK]})
                 for i in range(0, len(pairs), SUBMIT_CHUNK)
             ])
             state = {**state, "prepared": prepared, "started": started, "attempts": {}, "ticks": 0}
 
         total, attempts = prepared["segments"], state["attempts"]
         while "stitch_attempt" not in state:
-            poll = yield context.call_activity(
-                "poll_tasks", {"job": job, "total": total, "attempts": attempts, "stitch_attempt": None})
+            poll = yield call("poll_tasks", {"job": job, "total": total, "attempts": attempts, "stitch_attempt": None})
             retries = []
             for failed in poll["failed"]:
                 index, attempt = failed["segment"], failed["attempt"]
@@ -81,7 +86,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
                 retries.append((index, attempt + 1))
                 info("segment %d attempt %d failed (%s); retrying", index, attempt, reason)
             if retries:
-                yield context.call_activity("submit_segments", {"job": job, "segments": retries})
+                yield call("submit_segments", {"job": job, "segments": retries})
             report("scoring", poll)
             if poll["succeeded"] == total:
                 state["frames"] = poll["frames_done"]
@@ -96,12 +101,11 @@ def stylize_video(context: df.DurableOrchestrationContext):
         report("stitching", {"succeeded": total, "frames_done": state["frames"]})
         while True:
             attempt = state["stitch_attempt"]
-            yield context.call_activity("submit_stitch", {"job": job, "total": total, "attempt": attempt})
+            yield call("submit_stitch", {"job": job, "total": total, "attempt": attempt})
             stitch = {"state": "pending"}
             while stitch["state"] in ("pending", "running"):
                 yield from _sleep(context, options["poll_seconds"])
-                poll = yield context.call_activity(
-                    "poll_tasks", {"job": job, "total": 0, "attempts": {}, "stitch_attempt": attempt})
+                poll = yield call("poll_tasks", {"job": job, "total": 0, "attempts": {}, "stitch_attempt": attempt})
                 stitch = poll["stitch"]
             if stitch["state"] == "succeeded":
                 break
@@ -117,8 +121,8 @@ def stylize_video(context: df.DurableOrchestrationContext):
         summary = {"frames": (stitch.get("summary") or {}).get("frames", state["frames"]), "segments": total,
                    "seconds": round(elapsed, 1), "audio": (stitch.get("summary") or {}).get("audio"),
                    "retries": sum(attempts.values()) + state["stitch_attempt"]}
-        yield context.call_activity("finalize_job", {"job": job, "summary": summary})
-        yield context.call_activity("cleanup_job", job)
+        _unless_bad_input((yield call("finalize_job", {"job": job, "summary": summary})))
+        yield call("cleanup_job", job)
         report("completed", {"succeeded": total, "frames_done": state["frames"]})
         info("completed: %d frames in %.0f s", summary["frames"], elapsed)
         telemetry.job_completed(context, summary, state)
@@ -129,10 +133,17 @@ def stylize_video(context: df.DurableOrchestrationContext):
         info("failed: %s", error["message"])
         telemetry.job_failed(context, error, state)
         try:
-            yield context.call_activity("cleanup_job", job)
+            yield call("cleanup_job", job)
         except Exception:  # the job's own failure is the one to report
             info("cleanup after failure failed too")
         raise (InputError if error["kind"] == "input" else JobFailed)(error["message"]) from None
+
+
+def _unless_bad_input(result: dict) -> dict:
+    """Activities hand bad input back as a result (it is not worth a retry); here it fails the job."""
+    if "input_error" in result:
+        raise InputError(result["input_error"])
+    return result
 
 
 def _sleep(context: df.DurableOrchestrationContext, seconds: float):

@@ -340,7 +340,10 @@ class BatchCompute:
             raise ValueError(f"task {task.id}: a command line must not carry a SAS (it is visible in Batch); "
                              f"workers authenticate with the pool identity")
         identity = models.BatchNodeIdentityReference(resource_id=self.pool_identity)
-        logs_url = self._container_url(self.logs_container)
+        logs_url, output_url = self._container_url(self.logs_container), self._container_url(task.output_container)
+        if _SAS.search(logs_url) or _SAS.search(output_url):  # storage reached through a SAS connection string
+            raise ValueError(f"task {task.id}: an output container URL must not carry a SAS (it is visible in "
+                             f"Batch); nodes upload with the pool identity")
         env = {**task.env, "WORKER_STORAGE_AUTH": "imds", "AZURE_CLIENT_ID": self.pool_identity_client_id}
         registry = _registry_server(self.worker_image)
 
@@ -369,7 +372,7 @@ class BatchCompute:
             user_identity=models.UserIdentity(
                 auto_user=models.AutoUserSpecification(scope="task", elevation_level="nonadmin")),
             output_files=[
-                upload(OUTPUT_FILE, self._container_url(task.output_container), task.output_name, "tasksuccess"),
+                upload(OUTPUT_FILE, output_url, task.output_name, "tasksuccess"),
                 # stdout.txt and stderr.txt sit in the task directory, one level above the working directory.
                 upload(f"../{STDOUT_LOG}", logs_url, f"{job}/{task.id}/{STDOUT_LOG}", "taskcompletion"),
                 upload(f"../{STDERR_LOG}", logs_url, f"{job}/{task.id}/{STDERR_LOG}", "taskcompletion"),

@@ -101,6 +101,11 @@ class LocalCompute:
         with self._lock:
             return {k: TaskState(**asdict(v)) for k, v in self._jobs.get(job_id, {}).items()}
 
+    def running(self) -> list[tuple[str, str]]:
+        """(job, task) of every worker process alive now."""
+        with self._lock:
+            return list(self._running)
+
     def cancel(self, job_id: str) -> None:
         with self._lock:
             self._canceled.add(job_id)
@@ -166,6 +171,9 @@ class LocalCompute:
             if proc.returncode != 0:
                 return TaskState(task.id, "failed", exit_code=proc.returncode, error=_tail(stderr, proc.returncode))
             summary = last_json_line(stdout)
+            with self._lock:  # a job canceled while its last task was finishing gets no output
+                if job_id in self._canceled:
+                    return TaskState(task.id, "failed", error="canceled")
             self.storage.upload_file(workdir / OUTPUT_FILE, task.output_container, task.output_name)
             return TaskState(task.id, "succeeded", exit_code=0, summary=summary)
         except Exception as exc:  # an upload or spawn failure fails the task, not the host

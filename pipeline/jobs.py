@@ -17,7 +17,7 @@ from pipeline.compute import ComputeBackend, Task
 from pipeline.jobspec import JobSpec
 from pipeline.plan import plan_segments
 from pipeline.settings import Settings
-from pipeline.storage import Storage
+from pipeline.storage import BlobInfo, Storage
 
 SUBMIT_CHUNK = 100  # tasks per submit activity: one Batch add-collection request
 
@@ -43,6 +43,11 @@ def segment_task_id(index: int, attempt: int) -> str:
     return f"seg{index:05d}-a{attempt}"
 
 
+def stitched_name(job_id: str) -> str:
+    """The stitched video waits here until finalize publishes it: outputs appear whole, with their manifest."""
+    return work_name(job_id, "stitched.mp4")
+
+
 def stitch_task_id(attempt: int) -> str:
     return f"stitch-a{attempt}"
 
@@ -50,23 +55,37 @@ def stitch_task_id(attempt: int) -> str:
 def prepare(job: JobSpec, svc: Services) -> dict:
     """Check the input and style exist, probe the video, plan the segments and store the plan."""
     s = svc.settings
-    if svc.storage.info(job.input_container, job.input_name) is None:
-        raise InputError(f"input {job.input_container}/{job.input_name} does not exist", field="input")
-    image = _style_image(job)
-    if image is not None and svc.storage.info(s.styles_container, image) is None:
-        raise InputError(f"style image {job.style!r} is not in the '{s.styles_container}' container",
-                         field="style")
+    source = check_sources(job, svc)
     info = probe(svc.storage.reader_url(job.input_container, job.input_name), svc.storage.reader_headers())
     duration = info.duration_seconds
     if duration is not None and duration > s.max_duration_seconds:
-        raise InputError(f"the video is {duration / 60:.0f} minutes long; the limit is "
-                         f"{s.max_duration_seconds / 60:.0f} minutes", field="input")
+        raise InputError(f"the video is {_span(duration)} long; the limit is {_span(s.max_duration_seconds)}",
+                         field="input")
+    if max(info.width, info.height) > s.max_frame_side:
+        raise InputError(f"the video is {info.width}x{info.height}; frames up to {s.max_frame_side} pixels a side "
+                         "are accepted", field="input")
     segments = plan_segments(info.start_seconds, duration, job.segment_seconds, s.max_segments)
     frames = info.frames or (round(duration * info.frame_rate) if duration and info.frame_rate else None)
     svc.storage.write_json(s.work_container, work_name(job.job_id, "plan.json"),
-                           {"segments": segments, "video": info.to_dict()})
+                           {"segments": segments, "video": info.to_dict(), "input_etag": source.etag})
     return {"segments": len(segments), "frames_total": frames, "duration_seconds": duration,
             "width": info.display_width, "height": info.display_height, "audio": info.audio_codec}
+
+
+def check_sources(job: JobSpec, svc: Services) -> BlobInfo:
+    """The input's blob info, once it and the style image (if any) are known to exist."""
+    source = svc.storage.info(job.input_container, job.input_name)
+    if source is None:
+        raise InputError(f"input {job.input_name!r} is not in the '{job.input_container}' container", field="input")
+    image = _style_image(job)
+    styles = svc.settings.styles_container
+    if image is not None and svc.storage.info(styles, image) is None:
+        raise InputError(f"style image {image!r} is not in the '{styles}' container", field="style")
+    return source
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} minutes"
 
 
 def _style_image(job: JobSpec) -> str | None:
@@ -136,14 +155,25 @@ def submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
         stitch_task_id(attempt),
         ["stitch", "out.mp4", "--list", svc.storage.reader_url(s.work_container, list_name),
          "--audio-from", svc.storage.reader_url(job.input_container, job.input_name), "--json"],
-        s.output_container, job.output_name,
+        s.work_container, stitched_name(job.job_id),
     )
     return svc.compute.submit(job.job_id, [task])
 
 
 def finalize(job: JobSpec, svc: Services, summary: dict) -> dict:
-    """Write the JSON manifest next to the output video."""
+    """Publish the stitched video and write its JSON manifest next to it, unless the input changed meanwhile.
+
+    Every segment read the input by name, so a newer upload of the same name during the job could have mixed
+    two videos; and its own job will write the same output. Either way this job must not publish.
+    """
     s = svc.settings
+    planned = svc.storage.read_json(s.work_container, work_name(job.job_id, "plan.json"))["input_etag"]
+    current = svc.storage.info(job.input_container, job.input_name)
+    if current is None or current.etag != planned:
+        what = "deleted" if current is None else "replaced by a newer upload"
+        raise InputError(f"input {job.input_container}/{job.input_name} was {what} while this job ran; "
+                         "nothing was published", field="input")
+    svc.storage.publish(s.work_container, stitched_name(job.job_id), s.output_container, job.output_name)
     manifest = {
         "job_id": job.job_id,
         "input": f"{job.input_container}/{job.input_name}",

@@ -120,7 +120,9 @@ def _positive(value: object, field: str) -> float:
 def orchestration_input(job: JobSpec, settings: Settings) -> dict:
     """The orchestration's input: the job plus the knobs that must not change while it replays."""
     return {"job": job.to_dict(),
-            "options": {"max_attempts": settings.max_attempts, "poll_seconds": settings.poll_seconds}}
+            "options": {"max_attempts": settings.max_attempts, "poll_seconds": settings.poll_seconds,
+                        "activity_attempts": settings.activity_attempts,
+                        "activity_retry_seconds": settings.activity_retry_seconds}}
 
 
 def rejected_input(container: str, name: str, error: InputError) -> dict:

@@ -41,10 +41,13 @@ class Settings:
     # jobs
     segment_seconds: float = DEFAULT_SEGMENT_SECONDS
     max_segments: int = 5000
-    max_attempts: int = 3
+    max_attempts: int = 3  # per segment task and per stitch
+    activity_attempts: int = 4  # per activity call: storage or Batch API hiccups are retried, bad input is not
+    activity_retry_seconds: float = 5.0
     poll_seconds: float = 5.0
     task_timeout_minutes: int = 60
     max_duration_seconds: float = 4 * 3600.0
+    max_frame_side: int = 7680  # 8K UHD; the worker itself refuses anything over 8192
     default_style: str = "0"
     default_strength: float = 1.0
     default_max_size: int = 0  # 0 keeps the source's resolution
@@ -80,9 +83,12 @@ class Settings:
             segment_seconds=get("SEGMENT_SECONDS", base.segment_seconds, float),
             max_segments=get("MAX_SEGMENTS", base.max_segments, int),
             max_attempts=get("MAX_ATTEMPTS", base.max_attempts, int),
+            activity_attempts=get("ACTIVITY_ATTEMPTS", base.activity_attempts, int),
+            activity_retry_seconds=get("ACTIVITY_RETRY_SECONDS", base.activity_retry_seconds, float),
             poll_seconds=get("POLL_SECONDS", base.poll_seconds, float),
             task_timeout_minutes=get("TASK_TIMEOUT_MINUTES", base.task_timeout_minutes, int),
             max_duration_seconds=get("MAX_DURATION_SECONDS", base.max_duration_seconds, float),
+            max_frame_side=get("MAX_FRAME_SIDE", base.max_frame_side, int),
             default_style=get("DEFAULT_STYLE", base.default_style),
             default_strength=get("DEFAULT_STRENGTH", base.default_strength, float),
             default_max_size=get("DEFAULT_MAX_SIZE", base.default_max_size, int),

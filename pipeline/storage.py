@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Protocol
 
 from gpu_worker.errors import InputError
 from pipeline.jobspec import check_blob_name
+
+PUBLISH_TIMEOUT_SECONDS = 600  # same-account copies take seconds; a stuck one is retried by the activity
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class Storage(Protocol):
     def read_json(self, container: str, name: str) -> object: ...
     def list_names(self, container: str, prefix: str = "") -> list[str]: ...
     def delete_prefix(self, container: str, prefix: str) -> int: ...
+    def publish(self, container: str, name: str, to_container: str, to_name: str) -> None:
+        """Make a finished file appear under another name in one step; the source stays until cleanup, so a
+        retried publish does the same again."""
+        ...
 
 
 class LocalStorage:
@@ -97,10 +104,11 @@ class LocalStorage:
 
     def list_names(self, container: str, prefix: str = "") -> list[str]:
         base = self.root / container
-        if not base.exists():
-            return []
-        names = (p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(n for n in names if n.startswith(prefix) and not Path(n).name.startswith("."))
+        names = []
+        for folder, _, files in os.walk(base):  # unlike rglob, fine with folders other jobs delete meanwhile
+            rel = Path(folder).relative_to(base)
+            names += [(rel / f).as_posix() for f in files if not f.startswith(".")]
+        return sorted(n for n in names if n.startswith(prefix))
 
     def delete_prefix(self, container: str, prefix: str) -> int:
         names = self.list_names(container, prefix)
@@ -110,6 +118,19 @@ class LocalStorage:
         if prefix.endswith("/"):
             shutil.rmtree(self.root / container / prefix, ignore_errors=True)
         return len(names)
+
+    def publish(self, container: str, name: str, to_container: str, to_name: str) -> None:
+        source, target = self.path(container, name), self.path(to_container, to_name)
+        if not source.exists():
+            raise FileNotFoundError(f"{container}/{name} does not exist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            os.link(source, tmp)  # same folder tree: no copy of the video
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        tmp.unlink(missing_ok=True)  # rename between two links to one file is a no-op that leaves tmp behind
 
 
 class BlobStorage:
@@ -187,6 +208,24 @@ class BlobStorage:
     def list_names(self, container: str, prefix: str = "") -> list[str]:
         client = self.service.get_container_client(container)
         return sorted(b.name for b in client.list_blobs(name_starts_with=prefix or None))
+
+    def publish(self, container: str, name: str, to_container: str, to_name: str) -> None:
+        # A server-side copy within the account: the same Entra ID token authorizes reading the source.
+        from azure.core.exceptions import ResourceNotFoundError
+
+        target = self._blob(to_container, to_name)
+        try:
+            copy = target.start_copy_from_url(self._blob(container, name).url)
+        except ResourceNotFoundError:
+            raise FileNotFoundError(f"{container}/{name} does not exist") from None
+        status, deadline = copy["copy_status"], time.monotonic() + PUBLISH_TIMEOUT_SECONDS
+        while status == "pending" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = target.get_blob_properties().copy.status
+        if status != "success":
+            if status == "pending":
+                target.abort_copy(copy["copy_id"])
+            raise RuntimeError(f"copying {container}/{name} to {to_container}/{to_name} ended {status}")
 
     def delete_prefix(self, container: str, prefix: str) -> int:
         names = self.list_names(container, prefix)

@@ -10,8 +10,8 @@ managed identity is stood in for twice: uploads use the Azurite connection strin
 (`FakeImds`) hands workers a token for the pool identity's client id.
 
 Faults a test can inject: a task's first N runs exit non-zero (`fail`), a run is preempted and requeued
-(`preempt`), and the next add-collection request is half accepted, then the connection dropped
-(`drop_next_add_after`).
+(`preempt`), a running task's process dies (`kill`), tasks start late (`delay`), and the next
+add-collection request is half accepted, then the connection dropped (`drop_next_add_after`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from pathlib import Path
 
 import isodate
 from azure.storage.blob import BlobServiceClient
+
+from tests import loopback
 
 API_VERSIONS = {"2025-06-01"}  # what azure-batch 15.x sends; anything else is refused
 BATCH_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -152,7 +154,7 @@ class FakeImds:
         self.failures: list[int] = []  # statuses to answer first (e.g. 429, 500), one per request
         imds = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(loopback.Handler):
             def do_GET(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
@@ -172,23 +174,13 @@ class FakeImds:
                                         "resource": query["resource"], "client_id": imds.client_id})
 
             def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, json.dumps(body), {"Content-Type": "application/json"})
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/metadata/identity/oauth2/token"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-imds").start()
+        self._server = loopback.Server(Handler, "fake-imds")
+        self.url = f"{self._server.url}/metadata/identity/oauth2/token"
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.close()
 
 
 class FakeBatch:
@@ -225,6 +217,7 @@ class FakeBatch:
         self.finished_runs: list[tuple[str, str, int | None]] = []  # (job, task, exit code) per process run
         self._faults: dict[str, Fault] = {}  # task id prefix → fault
         self._preempt: set[str] = set()
+        self._delays: dict[str, float] = {}
         self._drop_after: int | None = None
         self._cursors: dict[str, list[dict]] = {}
         self._lock = threading.RLock()
@@ -275,6 +268,21 @@ class FakeBatch:
         """Kill the named task's first run once it is running, and requeue it (a spot node taken back)."""
         with self._lock:
             self._preempt.add(task_id.lower())
+
+    def kill(self, task_id: str) -> bool:
+        """Kill a running task's process (a crash, the OOM killer): the task completes as failed, exit 137."""
+        with self._lock:
+            for job in self.jobs.values():
+                task = job.tasks.get(task_id.lower())
+                if task is not None and task.proc is not None and task.proc.poll() is None:
+                    task.proc.kill()
+                    return True
+        return False
+
+    def delay(self, task_prefix: str, seconds: float) -> None:
+        """Tasks whose id starts with ``task_prefix`` sleep ``seconds`` before their command (a slow task)."""
+        with self._lock:
+            self._delays[task_prefix] = seconds
 
     def drop_next_add_after(self, accepted: int) -> None:
         """The next addtaskcollection request creates its first ``accepted`` tasks, then the connection drops."""
@@ -722,6 +730,9 @@ class FakeBatch:
                 fault.runs -= 1
                 argv = [sys.executable, "-c", f"import sys; print({fault.message!r}, file=sys.stderr); "
                                               f"sys.exit({fault.exit_code})"]
+            delay = next((d for prefix, d in self._delays.items() if task.id.startswith(prefix)), 0)
+            if delay:
+                argv = ["sh", "-c", f'sleep {delay} && exec "$@"', "sh", *argv]
             preempt = task.id.lower() in self._preempt
             self._preempt.discard(task.id.lower())
         limit = isodate.parse_duration(task.body["constraints"]["maxWallClockTime"]).total_seconds()

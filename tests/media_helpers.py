@@ -115,12 +115,11 @@ class RangeFileServer:
     """A loopback HTTP server for one folder that honours Range requests and counts the bytes it sends."""
 
     def __init__(self, root: Path) -> None:
-        import http.server
-        import threading
+        from tests import loopback
 
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(loopback.Handler):
             def do_GET(self) -> None:
                 path = root / self.path.lstrip("/").split("?")[0]
                 if not path.is_file():
@@ -146,20 +145,15 @@ class RangeFileServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # ffmpeg closes a read it no longer needs after a seek
 
-            def log_message(self, *args) -> None:
-                pass
-
         self.bytes_sent = 0
         # Answer open-ended ranges with at most this much (HTTP allows a shorter range), so that what is
         # counted is what the client asked for rather than what fitted in socket buffers.
         self.max_response = 32 * 1024
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        self._server = loopback.Server(Handler, "range-file-server")
+        self.url = self._server.url
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.close()
 
 
 def ffmpeg_rgb_frames(path: Path, count: int) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import azure.functions as func
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.pipeline.policies import SansIOHTTPPolicy
-from azure.storage.blob import BlobClient, BlobServiceClient
+from azure.storage.blob import BlobClient
 
 import function_app
 from local.durable_host import LocalDurableHost
@@ -34,6 +33,7 @@ from pipeline.settings import Settings
 from pipeline.storage import BlobStorage
 from tests.fake_batch import FakeBatch
 from tests.media_helpers import frame_times, make_clip_with_audio
+from tests.stacks import batch_settings, new_containers
 
 SEGMENTS = 2
 
@@ -42,16 +42,6 @@ SEGMENTS = 2
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 1.6 s at 1 s per segment: two segments, then the stitch
     return make_clip_with_audio(tmp_path_factory.mktemp("clip"), "aac", ".mp4", seconds=1.6)
-
-
-def _containers(connection: str, public: tuple[str, ...], private: tuple[str, ...] = ()) -> dict[str, str]:
-    prefix = uuid.uuid4().hex[:6]  # containers of their own per test on the shared Azurite
-    service = BlobServiceClient.from_connection_string(connection)
-    names = {}
-    for kind in (*public, *private):
-        names[kind] = f"{prefix}-{kind}"
-        service.create_container(names[kind], public_access="blob" if kind in public else None)
-    return names
 
 
 @pytest.fixture
@@ -64,18 +54,9 @@ def fake(azurite: str, tmp_path: Path) -> Iterator[FakeBatch]:
 
 @pytest.fixture
 def batch_app(azurite: str, tmp_path: Path, fake: FakeBatch, monkeypatch: pytest.MonkeyPatch):
-    names = _containers(azurite, public=("input", "styles", "work"), private=("output", "logs"))
     # Shared Key works over plain HTTP (bearer tokens don't); the fake checks every signature.
     monkeypatch.setattr(batch_compute, "default_credential", lambda: AzureNamedKeyCredential(fake.account, fake.key))
-    settings = Settings(
-        storage="blob", blob_connection_string=azurite, storage_root=tmp_path, compute="batch",
-        batch_account_url=fake.url, batch_pool_id="stylize-gpu", batch_worker_image=fake.worker_image,
-        batch_pool_identity=fake.pool_identity, batch_pool_identity_client_id=fake.pool_identity_client_id,
-        poll_seconds=0.2, segment_seconds=1.0, max_attempts=3,
-        input_container=names["input"], styles_container=names["styles"], output_container=names["output"],
-        work_container=names["work"], logs_container=names["logs"],
-    )
-    svc = runtime.configure(settings)
+    svc = runtime.configure(batch_settings(azurite, tmp_path, fake))
     assert isinstance(svc.compute, BatchCompute)  # STYLIZE_COMPUTE=batch selects the backend
     with LocalDurableHost(function_app.app, max_workers=4) as host:
         yield host, svc, fake
@@ -179,19 +160,6 @@ def test_task_that_always_fails_fails_the_job_with_reason_and_exit_code(batch_ap
     assert_job_gone(fake, svc, job_id)
 
 
-def test_cancel_while_tasks_run_terminates_and_deletes_the_batch_job(batch_app, clip: Path) -> None:
-    host, svc, fake = batch_app
-    job_id = start(host, svc, clip)
-    wait_until(lambda: fake.running(), timeout=60)
-    code, reply = call(host, "cancel_job", "POST", route={"job_id": job_id})
-    assert code == 202 and reply["stage"] == "canceled"
-    assert host.status(job_id)["runtimeStatus"] == "Terminated"
-    assert_job_gone(fake, svc, job_id)
-    time.sleep(0.5)
-    assert not fake.running() and fake.job(batch_job_id(job_id)) is None
-    assert svc.storage.list_names(svc.settings.output_container) == []
-
-
 class BearerPolicy(SansIOHTTPPolicy):
     """What BearerTokenCredentialPolicy would send, allowed over http (azure-core refuses tokens over http)."""
 
@@ -206,7 +174,7 @@ def test_backend_contract_resubmit_states_and_errors(azurite: str, fake: FakeBat
     """BatchCompute alone, with a bearer authentication policy: a submission cut off half way and a whole
     resubmission create each task once; success, bad input, and a failed output upload come back as the
     orchestrator expects them."""
-    names = _containers(azurite, public=("work",), private=("logs",))
+    names = new_containers(azurite, public=("work",), private=("logs",))
     storage = BlobStorage(connection_string=azurite)
     compute = BatchCompute(fake.url, "stylize-gpu", fake.worker_image, storage, pool_identity=fake.pool_identity,
                            pool_identity_client_id=fake.pool_identity_client_id, logs_container=names["logs"],

@@ -326,8 +326,7 @@ def test_each_identity_has_exactly_its_roles():
             (ROLE["blob_reader"], f"{CONTAINER}:input"),
             (ROLE["blob_reader"], f"{CONTAINER}:styles"),
             (ROLE["blob_contributor"], f"{CONTAINER}:work"),
-            (ROLE["blob_contributor"], f"{CONTAINER}:output"),
-            (ROLE["blob_contributor"], f"{CONTAINER}:logs"),
+            (ROLE["blob_contributor"], f"{CONTAINER}:logs"),  # no output: the app publishes results
             (ROLE["acr_pull"], "Microsoft.ContainerRegistry/registries:registryName"),
         },
         # optional: the person running azd, to upload videos/styles and read results

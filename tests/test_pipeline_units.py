@@ -125,6 +125,14 @@ def exercise_storage(storage, tmp_path: Path) -> None:
     assert out.read_bytes() == b"video bytes"
     with pytest.raises(InputError, match="does not exist"):
         storage.download_file("work", "missing.mp4", tmp_path / "missing.bin")
+    # publishing: the file appears whole under its new name, and publishing again (a retried activity) works
+    storage.publish("work", "job1/segments/00001.mp4", "output", "clips/done.mp4")
+    storage.publish("work", "job1/segments/00001.mp4", "output", "clips/done.mp4")
+    storage.download_file("output", "clips/done.mp4", out)
+    assert out.read_bytes() == b"video bytes" and storage.list_names("output") == ["clips/done.mp4"]
+    with pytest.raises(FileNotFoundError, match=r"work/missing\.mp4 does not exist"):
+        storage.publish("work", "missing.mp4", "output", "clips/other.mp4")
+    assert storage.list_names("output") == ["clips/done.mp4"]
     assert storage.delete_prefix("work", "job1/") == 3
     assert storage.list_names("work") == ["job2/plan.json"]
     with pytest.raises(InputError):
@@ -140,6 +148,7 @@ def test_local_storage(tmp_path: Path) -> None:
 def test_blob_storage_on_azurite(azurite: str, tmp_path: Path) -> None:
     storage = BlobStorage(connection_string=azurite)
     storage.service.create_container("work")
+    storage.service.create_container("output")
     exercise_storage(storage, tmp_path)
     assert storage.reader_url("input", "a b.mp4").endswith("/input/a%20b.mp4")
 

@@ -1,0 +1,206 @@
+"""Faults, injected into the real app: the local Durable host, the real orchestrator and activities, real workers.
+
+Each test here runs on local compute and on the Batch path (azure-batch SDK → tests/fake_batch.py) unless its
+name says otherwise. The matrix (README "Reliability" has the same table):
+
+fault                                          → what the user sees (tests here follow this order)
+worker process killed mid-segment              → retried; exactly the source's frames
+spot node preempted mid-task (Batch)           → requeued, not counted as a retry; exact  (test_batch_pipeline)
+task fails twice, add-tasks cut off (Batch)    → retried; each task created once; exact  (test_batch_pipeline)
+a segment fails on every attempt               → Failed "segment N failed 3 times; last error: …" (test_*_pipeline)
+an activity hits a transient storage error     → activity retried; completes exactly
+an activity fails on every attempt             → Failed with the storage's reason; nothing left
+bad input                                      → Failed at once, not retried
+the same upload event delivered twice          → one run  (test_blob_pipeline)
+a new upload of the same name while a job runs → older job publishes nothing; newer output only
+cancel while segments are scored               → Terminated; nothing running; no work, no output
+cancel while the stitch runs                   → the same
+the local `stylize run` process killed         → nothing at the output path; rerun works  (test_stylize_cli)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from azure.core.exceptions import HttpResponseError, ServiceRequestError
+from azure.storage.blob import BlobClient
+
+from pipeline import jobs
+from pipeline.batch_compute import batch_job_id
+from pipeline.jobspec import instance_id
+from tests.media_helpers import frame_times, make_clip_with_audio
+from tests.stacks import Stack, open_stack, wait_until
+
+
+@pytest.fixture(params=["local", "batch"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    azurite = request.getfixturevalue("azurite") if request.param == "batch" else None
+    with open_stack(request.param, tmp_path, monkeypatch, azurite) as stack:
+        yield stack
+
+
+@pytest.fixture
+def local_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    with open_stack("local", tmp_path, monkeypatch) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 1.6 s at 1 s per segment: two segments, then the stitch
+    return make_clip_with_audio(tmp_path_factory.mktemp("clip"), "aac", ".mp4", seconds=1.6)
+
+
+def assert_nothing_left(stack: Stack, job_id: str) -> None:
+    """No task running, no work file, nothing published, the backend has forgotten the job."""
+    wait_until(lambda: not stack.running(), timeout=30, what="task processes to end")
+    assert stack.svc.compute.poll(job_id) == {}
+    assert stack.names("work") == [] and stack.names("output") == []
+    if stack.fake:
+        batch_job = batch_job_id(job_id)
+        wait_until(lambda: stack.fake.job(batch_job) is None, timeout=30, what="the Batch job to be deleted")
+        if batch_job in stack.fake.created_jobs:
+            assert batch_job in stack.fake.terminated_jobs
+
+
+def assert_output_is(stack: Stack, source: Path, tmp_path: Path, name: str = "clip.mp4") -> None:
+    assert frame_times(stack.download("output", name, tmp_path / "downloaded.mp4")) == frame_times(source)
+    assert stack.names("work") == []
+
+
+def test_killed_worker_is_retried_and_output_is_exact(stack: Stack, clip: Path, tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def kill_first_attempt_of_segment_1() -> None:
+        while not stop.is_set():
+            if "seg00001-a0" in stack.running():
+                time.sleep(0.3)  # let it start decoding: killed in the middle, not before
+                if stack.kill("seg00001-a0"):
+                    return
+            time.sleep(0.02)
+
+    threading.Thread(target=kill_first_attempt_of_segment_1, daemon=True).start()
+    try:
+        status = stack.wait(stack.start(stack.put(clip), style="7"))
+    finally:
+        stop.set()
+    assert status["runtimeStatus"] == "Completed", status
+    assert status["output"]["retries"] == 1
+    assert_output_is(stack, clip, tmp_path)
+
+
+def test_transient_activity_error_is_retried(stack: Stack, clip: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    read_json, failures = stack.svc.storage.read_json, []
+
+    def flaky_read_json(container: str, name: str) -> object:
+        if len(failures) < 2:  # the first two reads of the plan hit a dropped connection
+            failures.append(name)
+            raise ServiceRequestError("Connection reset by peer")
+        return read_json(container, name)
+
+    monkeypatch.setattr(stack.svc.storage, "read_json", flaky_read_json)
+    status = stack.wait(stack.start(stack.put(clip), style="7"))
+    assert status["runtimeStatus"] == "Completed", status
+    assert len(failures) == 2 and "error" not in status["customStatus"]
+    assert status["output"]["retries"] == 0  # activity retries are not segment retries
+    assert_output_is(stack, clip, tmp_path)
+
+
+def test_permanent_activity_error_fails_the_job_with_the_reason(stack: Stack, clip: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = []
+
+    def refused_write_json(container: str, name: str, data: object) -> None:
+        attempts.append(name)  # a role assignment missing: every attempt is refused the same way
+        raise HttpResponseError(message="This request is not authorized to perform this operation using this "
+                                        "permission. ErrorCode:AuthorizationPermissionMismatch")
+
+    monkeypatch.setattr(stack.svc.storage, "write_json", refused_write_json)
+    name = stack.put(clip)
+    job_id = stack.start(name, style="7")
+    status = stack.wait(job_id)
+    assert status["runtimeStatus"] == "Failed"
+    error = status["customStatus"]["error"]
+    assert error["kind"] == "internal"
+    assert error["message"] == ("This request is not authorized to perform this operation using this permission. "
+                                "ErrorCode:AuthorizationPermissionMismatch")
+    assert len(attempts) == stack.settings.activity_attempts
+    assert_nothing_left(stack, job_id)
+    assert stack.names("input") == [name]
+
+
+def test_bad_input_fails_at_once_without_retries(local_stack: Stack, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    prepare, calls = jobs.prepare, []
+    monkeypatch.setattr(jobs, "prepare", lambda *args: calls.append(1) or prepare(*args))
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"\x00" * 4096)
+    status = local_stack.wait(local_stack.start(local_stack.put(fake, "fake.mp4")))
+    assert status["runtimeStatus"] == "Failed"
+    error = status["customStatus"]["error"]
+    assert error["kind"] == "input" and error["message"].startswith("fake.mp4 is not a video file")
+    assert len(calls) == 1
+
+
+def test_new_upload_of_the_same_name_while_a_job_runs(azurite: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both uploads run; the older one sees at finalize that its input changed and publishes nothing, so the
+    output is wholly the newer upload's: never two jobs racing for one path, never a mix of two videos."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first_clip = make_clip_with_audio(tmp_path / "a", "aac", ".mp4", seconds=1.6)
+    second_clip = make_clip_with_audio(tmp_path / "b", "aac", ".mp4", seconds=1.2)
+    with open_stack("batch", tmp_path, monkeypatch, azurite) as stack:
+        blob = BlobClient.from_connection_string(azurite, stack.settings.input_container, "clips/trip.mp4")
+
+        def upload(path: Path, style: str) -> str:
+            with open(path, "rb") as data:
+                etag = blob.upload_blob(data, overwrite=True, metadata={"style": style})["etag"]
+            stack.host.invoke_function("on_video_uploaded", blob=blob)
+            return instance_id(stack.settings.input_container, "clips/trip.mp4", etag)
+
+        first = upload(first_clip, "3")
+        wait_until(lambda: stack.running(), what="the first job's tasks")
+        second = upload(second_clip, "6")
+        assert second != first
+        older, newer = stack.wait(first), stack.wait(second)
+        assert older["runtimeStatus"] == "Failed"
+        assert older["customStatus"]["error"]["message"] == (
+            f"input {stack.settings.input_container}/clips/trip.mp4 was replaced by a newer upload while this job "
+            "ran; nothing was published")
+        assert newer["runtimeStatus"] == "Completed", newer
+        assert stack.names("output") == ["clips/trip.json", "clips/trip.mp4"]
+        assert_output_is(stack, second_clip, tmp_path, "clips/trip.mp4")
+        assert stack.svc.storage.read_json(stack.settings.output_container, "clips/trip.json")["job_id"] == second
+
+
+def cancel(stack: Stack, job_id: str) -> None:
+    code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+    assert code == 202 and reply["stage"] == "canceled"
+    assert stack.host.status(job_id)["runtimeStatus"] == "Terminated"
+
+
+def test_cancel_during_scoring_stops_everything(stack: Stack, clip: Path) -> None:
+    job_id = stack.start(stack.put(clip), style="7")
+    wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+    cancel(stack, job_id)
+    assert_nothing_left(stack, job_id)
+    code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+    assert code == 409 and "already Terminated" in reply["error"]
+    code, view = stack.call("get_job", route={"job_id": job_id})
+    assert code == 200 and view["stage"] == "canceled"
+
+
+def test_cancel_during_stitching_publishes_nothing(stack: Stack, clip: Path, tmp_path: Path) -> None:
+    stack.slow_stitch(3.0, tmp_path)
+    job_id = stack.start(stack.put(clip), style="7")
+    wait_until(lambda: "stitch-a0" in stack.running(), timeout=120, what="the stitch task to run")
+    assert stack.call("get_job", route={"job_id": job_id})[1]["stage"] == "stitching"
+    cancel(stack, job_id)
+    assert_nothing_left(stack, job_id)
+    time.sleep(3.5)  # past the moment the stitch would have finished
+    assert stack.names("output") == [] and not stack.running()
