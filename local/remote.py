@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from gpu_worker.errors import InputError
@@ -14,6 +15,15 @@ from gpu_worker.style_spec import parse_style
 from pipeline.jobspec import check_blob_name, instance_id
 
 TERMINAL = {"Completed", "Failed", "Terminated"}
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib sends every header again to wherever a redirect points, the function key included: follow none
+    (the status endpoint never redirects; a 3xx is reported like any other unexpected answer)."""
+
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -41,13 +51,20 @@ def follow(args: argparse.Namespace) -> int:
     from local.cli import progress_line
 
     url = f"{args.app.rstrip('/')}/api/jobs/{args.job_id}"
+    parts = urllib.parse.urlsplit(url)
+    if args.key and parts.scheme != "https" and parts.hostname not in LOOPBACK:
+        raise InputError("--app must be an https:// URL: the function key is never sent over plain http")
     headers = {"x-functions-key": args.key} if args.key else {}  # a header keeps the key out of URLs and logs
+    opener = urllib.request.build_opener(_NoRedirect)
     while True:
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            with opener.open(urllib.request.Request(url, headers=headers), timeout=30) as response:
                 status = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise InputError(f"status endpoint answered {exc.code}: {exc.read().decode()[:200]}") from None
+            detail = exc.read().decode(errors="replace")
+            if args.key:  # an error page may echo the request's headers
+                detail = detail.replace(args.key, "***")
+            raise InputError(f"status endpoint answered {exc.code}: {detail[:200]}") from None
         runtime = status.get("runtime_status")
         if args.once or runtime in TERMINAL:
             print(json.dumps(status, indent=1))
