@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from pathlib import Path
-from urllib.parse import urlparse
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
 
 import av
 import numpy as np
@@ -52,7 +52,7 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> a
         options["reconnect"] = "1"
         if http_headers:
             options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in http_headers.items())
-        name = urlparse(source)._replace(query="").geturl()  # never echo query strings (tokens)
+        name = PurePosixPath(unquote(urlparse(source).path)).name  # as a local path reads; never the query
     else:
         if "://" in source or source.startswith(("concat:", "subfile,", "pipe:", "data:")):
             raise InputError(f"unsupported source {source.split(':', 1)[0]!r}: give a file path or an "

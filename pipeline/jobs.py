@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from gpu_worker.errors import InputError
 from gpu_worker.media import probe
@@ -56,6 +57,8 @@ def prepare(job: JobSpec, svc: Services) -> dict:
     """Check the input and style exist, probe the video, plan the segments and store the plan."""
     s = svc.settings
     source = check_sources(job, svc)
+    if source.size == 0:  # a local file says so itself; a URL would only read as "not a video"
+        raise InputError(f"{PurePosixPath(job.input_name).name} is empty", field="input")
     info = probe(svc.storage.reader_url(job.input_container, job.input_name), svc.storage.reader_headers())
     duration = info.duration_seconds
     if duration is not None and duration > s.max_duration_seconds:

@@ -104,10 +104,12 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip_with_audio(tmp_path_factory.mktemp("clip"), "aac", ".mp4", seconds=2.0)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["local", "batch"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The app on local compute, and on the cloud path: Blob Storage (Azurite) and Batch (the fake)."""
+    azurite = request.getfixturevalue("azurite") if request.param == "batch" else None
     with pytest.MonkeyPatch.context() as monkeypatch, \
-            open_stack("local", tmp_path_factory.mktemp("stack"), monkeypatch, **LIMITS) as stack:
+            open_stack(request.param, tmp_path_factory.mktemp("stack"), monkeypatch, azurite, **LIMITS) as stack:
         yield stack
 
 
@@ -147,8 +149,7 @@ def test_job_fails_with_the_reason(case: Case, stack: Stack, clip: Path, other_h
     assert error["kind"] == "input" and case.matches(error["message"]), error
     code, view = stack.call("get_job", route={"job_id": job_id})
     assert code == 200 and view["stage"] == "failed" and view["error"] == error
-    input_path = Path(stack.svc.storage.path(stack.settings.input_container, name))
-    assert input_path.read_bytes() == before  # untouched
+    assert stack.download("input", name, tmp_path / "input-after").read_bytes() == before  # untouched
     assert stack.names("output") == [] and stack.names("work") == []
 
 
@@ -171,7 +172,7 @@ def test_stylize_run_says_the_same_in_one_line(case: Case, clip: Path, other_hos
 
 
 BAD_REQUESTS = [
-    # (id, body, field, the whole error)
+    # (id, body, field, the whole error; {input} and {styles} are the container names)
     ("not-json", b"{not json", "body", "the body must be a JSON object"),
     ("not-an-object", [1, 2], "body", "the body must be a JSON object"),
     ("no-input", {"style": "7"}, "input", "input is required: the name of a video in the input container"),
@@ -182,15 +183,15 @@ BAD_REQUESTS = [
     ("strength-out-of-range", {"input": "good.mp4", "strength": 1.5}, "strength", None),
     ("preserve-color-not-a-flag", {"input": "good.mp4", "preserve_color": "maybe"}, "preserve_color", None),
     ("style-url", {"input": "good.mp4", "style": "https://example.org/p.jpg"}, "style",
-     "style images are names in the 'styles' container, not URLs"),
+     "style images are names in the '{styles}' container, not URLs"),
     ("style-image-missing", {"input": "good.mp4", "style": "missing.png"}, "style",
-     "style image 'missing.png' is not in the 'styles' container"),
+     "style image 'missing.png' is not in the '{styles}' container"),
     ("path-traversal", {"input": "../secrets.mp4"}, "input",
      "input '../secrets.mp4' must be a relative name without '..', '.', '//' or backslashes"),
     ("absolute-path", {"input": "/etc/passwd.mp4"}, "input", None),
     ("control-characters", {"input": "clip\x07.mp4"}, "input", "input has control characters"),
     ("not-a-video-name", {"input": "list.m3u8"}, "input", None),
-    ("missing-input", {"input": "missing.mp4"}, "input", "input 'missing.mp4' is not in the 'input' container"),
+    ("missing-input", {"input": "missing.mp4"}, "input", "input 'missing.mp4' is not in the '{input}' container"),
 ]
 
 
@@ -200,5 +201,7 @@ def test_bad_request_is_400_naming_the_field(body, field: str, message: str | No
     jobs_before = stack.host.list_instances()
     code, reply = stack.call("create_job", "POST", body)
     assert code == 400 and reply["field"] == field, reply
+    if message is not None:
+        message = message.format(input=stack.settings.input_container, styles=stack.settings.styles_container)
     assert "\n" not in reply["error"] and (message is None or reply["error"] == message), reply["error"]
     assert stack.host.list_instances() == jobs_before  # nothing started
