@@ -30,7 +30,7 @@ log = logging.getLogger("stylize.app")
 telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it, nothing starts
 
 ORCHESTRATION = "stylize_video"
-JOB_FIELDS = {"input", "style", "strength", "preserve_color", "max_size", "segment_seconds"}
+JOB_FIELDS = {"input", "output", "style", "strength", "preserve_color", "max_size", "segment_seconds"}
 ACTIVE = {"Pending", "Running", "ContinuedAsNew"}
 
 
@@ -83,6 +83,10 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     job_id = instance_id(container, job.input_name, f"{info.etag}/{options_key}")
     job = JobSpec.from_dict({**job.to_dict(), "job_id": job_id})
     if not await _exists(starter, job_id, restartable=True):
+        writer = await _writing(starter, job.output_name)
+        if writer is not None:  # two jobs racing for one path: the later would silently replace the earlier
+            return _error(409, f"job {writer} is already writing {svc.settings.output_container}/{job.output_name}; "
+                               "wait for it to finish or give this job another \"output\" name", "output")
         await starter.start_new(ORCHESTRATION, job_id, orchestration_input(job, svc.settings))
     base = req.url.split("/api/")[0]
     body = {"id": job_id, "status_url": f"{base}/api/jobs/{job_id}", "cancel_url": f"{base}/api/jobs/{job_id}/cancel"}
@@ -133,6 +137,16 @@ async def _exists(starter: df.DurableOrchestrationClient, job_id: str, restartab
     if not status or not status.runtime_status:
         return False
     return not restartable or status.runtime_status.name in ACTIVE | {"Completed"}
+
+
+async def _writing(starter: df.DurableOrchestrationClient, output_name: str) -> str | None:
+    """The id of an unfinished job that will write ``output_name``, if any."""
+    running = [df.OrchestrationRuntimeStatus[name] for name in sorted(ACTIVE)]
+    for status in await starter.get_status_by(runtime_status=running):
+        args = status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")
+        if (args.get("job") or {}).get("output_name") == output_name:
+            return status.instance_id
+    return None
 
 
 def _view(status: df.DurableOrchestrationStatus) -> dict:

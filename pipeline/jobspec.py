@@ -89,11 +89,16 @@ def job_spec(
         raise InputError(f"max_size must be 0 (keep the resolution) or 64 to 8192 pixels, got {max_size}",
                          field="max_size")
     segment_seconds = _positive(options.get("segment_seconds", settings.segment_seconds), "segment_seconds")
-    stem = str(PurePosixPath(name).with_suffix(""))
+    output = options.get("output") or f"{PurePosixPath(name).with_suffix('')}.mp4"
+    check_blob_name(output, "output")
+    if not str(output).lower().endswith(".mp4"):
+        raise InputError(f"output must name an .mp4 blob in the '{settings.output_container}' container, got "
+                         f"{output!r}", field="output")
+    stem = str(PurePosixPath(output).with_suffix(""))
     return JobSpec(
         job_id=job_id, input_container=container, input_name=name, style=spec.describe(),
         strength=parse_strength(spec.strength), preserve_color=spec.preserve_color, max_size=max_size,
-        segment_seconds=segment_seconds, output_name=f"{stem}.mp4", manifest_name=f"{stem}.json",
+        segment_seconds=segment_seconds, output_name=output, manifest_name=f"{stem}.json",
     )
 
 

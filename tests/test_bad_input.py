@@ -172,12 +172,12 @@ def test_stylize_run_says_the_same_in_one_line(case: Case, clip: Path, other_hos
 
 
 BAD_REQUESTS = [
-    # (id, body, field, the whole error; {input} and {styles} are the container names)
+    # (id, body, field, the whole error; {input}, {styles} and {output} are the container names)
     ("not-json", b"{not json", "body", "the body must be a JSON object"),
     ("not-an-object", [1, 2], "body", "the body must be a JSON object"),
     ("no-input", {"style": "7"}, "input", "input is required: the name of a video in the input container"),
     ("unknown-field", {"input": "good.mp4", "colour": "red"}, "colour",
-     "unknown field 'colour'; allowed: input, max_size, preserve_color, segment_seconds, strength, style"),
+     "unknown field 'colour'; allowed: input, max_size, output, preserve_color, segment_seconds, strength, style"),
     ("style-out-of-range", {"input": "good.mp4", "style": "42"}, "style",
      "style 42 does not exist: built-in styles are 0-25"),
     ("strength-out-of-range", {"input": "good.mp4", "strength": 1.5}, "strength", None),
@@ -191,6 +191,9 @@ BAD_REQUESTS = [
     ("absolute-path", {"input": "/etc/passwd.mp4"}, "input", None),
     ("control-characters", {"input": "clip\x07.mp4"}, "input", "input has control characters"),
     ("not-a-video-name", {"input": "list.m3u8"}, "input", None),
+    ("output-not-mp4", {"input": "good.mp4", "output": "result.avi"}, "output",
+     "output must name an .mp4 blob in the '{output}' container, got 'result.avi'"),
+    ("output-traversal", {"input": "good.mp4", "output": "../result.mp4"}, "output", None),
     ("missing-input", {"input": "missing.mp4"}, "input", "input 'missing.mp4' is not in the '{input}' container"),
 ]
 
@@ -202,6 +205,7 @@ def test_bad_request_is_400_naming_the_field(body, field: str, message: str | No
     code, reply = stack.call("create_job", "POST", body)
     assert code == 400 and reply["field"] == field, reply
     if message is not None:
-        message = message.format(input=stack.settings.input_container, styles=stack.settings.styles_container)
+        message = message.format(input=stack.settings.input_container, styles=stack.settings.styles_container,
+                                 output=stack.settings.output_container)
     assert "\n" not in reply["error"] and (message is None or reply["error"] == message), reply["error"]
     assert stack.host.list_instances() == jobs_before  # nothing started

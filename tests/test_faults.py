@@ -13,6 +13,7 @@ an activity fails on every attempt             → Failed with the storage's rea
 bad input                                      → Failed at once, not retried
 the same upload event delivered twice          → one run  (test_blob_pipeline)
 a new upload of the same name while a job runs → older job publishes nothing; newer output only
+two API jobs for one output path               → the second is refused (409) until the first ends
 cancel while segments are scored               → Terminated; nothing running; no work, no output
 cancel while the stitch runs                   → the same
 the local `stylize run` process killed         → nothing at the output path; rerun works  (test_stylize_cli)
@@ -176,6 +177,25 @@ def test_new_upload_of_the_same_name_while_a_job_runs(azurite: str, tmp_path: Pa
         assert stack.names("output") == ["clips/trip.json", "clips/trip.mp4"]
         assert_output_is(stack, second_clip, tmp_path, "clips/trip.mp4")
         assert stack.svc.storage.read_json(stack.settings.output_container, "clips/trip.json")["job_id"] == second
+
+
+def test_second_api_job_for_one_output_waits_its_turn(local_stack: Stack, clip: Path, tmp_path: Path) -> None:
+    stack = local_stack
+    name = stack.put(clip)
+    first = stack.start(name, style="3")
+    code, reply = stack.call("create_job", "POST", {"input": name, "style": "4"})
+    assert code == 409 and reply["field"] == "output"
+    assert reply["error"] == (f"job {first} is already writing {stack.settings.output_container}/clip.mp4; wait for "
+                              "it to finish or give this job another \"output\" name")
+    second = stack.start(name, style="4", output="clip-style4.mp4")  # a path of its own
+    assert stack.wait(first)["runtimeStatus"] == "Completed" and stack.wait(second)["runtimeStatus"] == "Completed"
+    assert stack.names("output") == ["clip-style4.json", "clip-style4.mp4", "clip.json", "clip.mp4"]
+    read = stack.svc.storage.read_json
+    assert read(stack.settings.output_container, "clip.json")["style"] == "3"
+    assert read(stack.settings.output_container, "clip-style4.json")["style"] == "4"
+    third = stack.start(name, style="4")  # the path is free again: the same request now runs
+    assert third not in (first, second) and stack.wait(third)["runtimeStatus"] == "Completed"
+    assert read(stack.settings.output_container, "clip.json")["style"] == "4"
 
 
 def cancel(stack: Stack, job_id: str) -> None:

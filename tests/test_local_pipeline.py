@@ -91,11 +91,12 @@ def test_same_request_twice_is_one_job(local_app, clip: Path) -> None:
     name = put_input(svc, clip)
     first = start(host, input=name, style="3")
     assert start(host, input=name, style="3") == first
-    assert start(host, input=name, style="4") != first
-    for job_id in {first}:
+    other = start(host, input=name, style="4", output="clip-4.mp4")  # other options: another job
+    assert other != first
+    for job_id in (first, other):
         assert wait(host, job_id)["runtimeStatus"] == "Completed"
     code, listing = call(host, "list_jobs")
-    assert code == 200 and {first} <= {j["id"] for j in listing["jobs"]}
+    assert code == 200 and {first, other} <= {j["id"] for j in listing["jobs"]}
 
 
 def kill_attempts(svc: runtime.Services, task_ids: set[str], stop: threading.Event) -> threading.Thread:
