@@ -23,11 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from local.durable_host import (
+from local.durable_state import (
     TERMINAL_STATUSES,
     DurableHostError,
     InstanceAlreadyRunningError,
     UnknownFunctionError,
+    parse_time,
 )
 
 if TYPE_CHECKING:
@@ -39,14 +40,7 @@ INSTANCE_PLACEHOLDER = "INSTANCEID"
 
 
 def _parse_time(value: str | None) -> Any:
-    if not value:
-        return None
-    from dateutil.parser import parse
-
-    from local.durable_host import UTC
-
-    parsed = parse(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parse_time(value) if value else None
 
 
 def _flag(query: dict[str, list[str]], name: str, default: bool) -> bool:
