@@ -46,9 +46,16 @@ async def on_video_uploaded(blob: blob_sdk.BlobClient, starter: df.DurableOrches
     if await _exists(starter, job_id):
         log.info("upload %s/%s (ETag %s) already has job %s", container, name, props.etag, job_id)
         return
+    settings = services().settings
     try:
-        payload = orchestration_input(job_spec(job_id, container, name, props.metadata or {}, services().settings),
-                                      services().settings)
+        job = job_spec(job_id, container, name, props.metadata or {}, settings)
+        # Another upload of this name is fine (the older job publishes nothing); another input is not.
+        writer = await _writing(starter, job.output_name, except_input=(container, name))
+        if writer is not None:
+            raise InputError(f"job {writer} is already writing {settings.output_container}/{job.output_name} from "
+                             "another input; set the 'output' metadata to another name, or upload again when it "
+                             "has finished", field="output")
+        payload = orchestration_input(job, settings)
     except InputError as exc:
         payload = rejected_input(container, name, exc)
     await starter.start_new(ORCHESTRATION, job_id, payload)
@@ -139,12 +146,15 @@ async def _exists(starter: df.DurableOrchestrationClient, job_id: str, restartab
     return not restartable or status.runtime_status.name in ACTIVE | {"Completed"}
 
 
-async def _writing(starter: df.DurableOrchestrationClient, output_name: str) -> str | None:
-    """The id of an unfinished job that will write ``output_name``, if any."""
+async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
+                   except_input: tuple[str, str] | None = None) -> str | None:
+    """The id of an unfinished job that will write ``output_name`` (from another input than ``except_input``)."""
     running = [df.OrchestrationRuntimeStatus[name] for name in sorted(ACTIVE)]
     for status in await starter.get_status_by(runtime_status=running):
         args = status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")
-        if (args.get("job") or {}).get("output_name") == output_name:
+        job = args.get("job") or {}
+        source = (job.get("input_container"), job.get("input_name"))
+        if job.get("output_name") == output_name and source != except_input:
             return status.instance_id
     return None
 

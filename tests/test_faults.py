@@ -14,6 +14,7 @@ bad input                                      → Failed at once, not retried
 the same upload event delivered twice          → one run  (test_blob_pipeline)
 a new upload of the same name while a job runs → older job publishes nothing; newer output only
 two API jobs for one output path               → the second is refused (409) until the first ends
+two uploads whose names give one output path   → the second fails at once, naming the first
 cancel while segments are scored               → Terminated; nothing running; no work, no output
 cancel while the stitch runs                   → the same
 the local `stylize run` process killed         → nothing at the output path; rerun works  (test_stylize_cli)
@@ -196,6 +197,27 @@ def test_second_api_job_for_one_output_waits_its_turn(local_stack: Stack, clip: 
     third = stack.start(name, style="4")  # the path is free again: the same request now runs
     assert third not in (first, second) and stack.wait(third)["runtimeStatus"] == "Completed"
     assert read(stack.settings.output_container, "clip.json")["style"] == "4"
+
+
+def test_two_uploads_for_one_output_path(azurite: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trip.mov and trip.mp4 both become output/trip.mp4: the second upload waits its turn, visibly."""
+    clip = make_clip_with_audio(tmp_path, "aac", ".mp4", seconds=1.6)
+    with open_stack("batch", tmp_path, monkeypatch, azurite) as stack:
+        jobs_started = []
+        for name in ("trip.mov", "trip.mp4"):
+            blob = BlobClient.from_connection_string(azurite, stack.settings.input_container, name)
+            with open(clip, "rb") as data:
+                etag = blob.upload_blob(data, overwrite=True, metadata={"style": "3"})["etag"]
+            stack.host.invoke_function("on_video_uploaded", blob=blob)
+            jobs_started.append(instance_id(stack.settings.input_container, name, etag))
+        first, second = (stack.wait(job_id) for job_id in jobs_started)
+        assert first["runtimeStatus"] == "Completed", first
+        assert second["runtimeStatus"] == "Failed"
+        assert second["customStatus"]["error"]["message"] == (
+            f"job {jobs_started[0]} is already writing {stack.settings.output_container}/trip.mp4 from another "
+            "input; set the 'output' metadata to another name, or upload again when it has finished")
+        manifest = stack.svc.storage.read_json(stack.settings.output_container, "trip.json")
+        assert manifest["input"].endswith("/trip.mov")
 
 
 def cancel(stack: Stack, job_id: str) -> None:
