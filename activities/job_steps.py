@@ -68,4 +68,3 @@ def cleanup_job(job: dict) -> int:
     spec = JobSpec.from_dict(job)
     with telemetry.activity(spec.job_id, "cleanup_job", "cleanup"):
         return jobs.cleanup(spec, services())
-

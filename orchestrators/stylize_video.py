@@ -38,8 +38,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
         telemetry.job_failed(context, {"kind": "input", "message": rejected["message"]})
         raise InputError(rejected["message"])
     job, options = args["job"], args["options"]
-    retry = df.RetryOptions(round(1000 * options.get("activity_retry_seconds", 5.0)),
-                            options.get("activity_attempts", 4))
+    retry = df.RetryOptions(round(1000 * options["activity_retry_seconds"]), options["activity_attempts"])
 
     def call(activity: str, payload: dict):
         return context.call_activity_with_retry(activity, retry, payload)
