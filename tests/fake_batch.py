@@ -226,7 +226,7 @@ class FakeBatch:
 
         fake = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(loopback.Handler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
@@ -244,13 +244,8 @@ class FakeBatch:
             def do_PATCH(self) -> None:
                 fake._handle(self, "PATCH")
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fake-batch").start()
+        self._server = loopback.Server(Handler, "fake-batch")
+        self.url = self._server.url
         self._nodes = [threading.Thread(target=self._node, daemon=True, name=f"fake-batch-node-{i}")
                        for i in range(nodes)]
         for node in self._nodes:
@@ -307,8 +302,7 @@ class FakeBatch:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.close()
         self.imds.close()
 
     # ---- HTTP ----------------------------------------------------------------------------------------
@@ -349,16 +343,9 @@ class FakeBatch:
             with contextlib.suppress(OSError):
                 request.connection.shutdown(socket.SHUT_RDWR)
             return
-        data = json.dumps(payload).encode() if payload is not None else b""
-        request.send_response(status)
-        request.send_header("request-id", str(uuid.uuid4()))
-        if payload is not None:
-            request.send_header("Content-Type", "application/json;odata=minimalmetadata")
-        for name, value in headers.items():
-            request.send_header(name, value)
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
+        content = {"Content-Type": "application/json;odata=minimalmetadata"} if payload is not None else {}
+        request.reply(status, json.dumps(payload) if payload is not None else b"",
+                      {"request-id": str(uuid.uuid4()), **content, **headers})
 
     def _authenticate(self, request: http.server.BaseHTTPRequestHandler, method: str, url) -> None:
         header = request.headers.get("Authorization") or ""
