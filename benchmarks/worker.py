@@ -55,7 +55,8 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> Path:
         stream.options = {"preset": "veryfast", "crf": "20"}
         for i in range(frames):
             frame = pictures[i % len(pictures)]
-            frame.pts = None
+            frame.pts = i  # PyAV 18 no longer numbers frames itself: None would give every frame pts 0
+            frame.time_base = Fraction(1, 25)
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return path
@@ -81,7 +82,7 @@ def measure_cli(clip: Path, style: str, device: str, preset: str, processes: int
 def measure_model_only(scorer, width: int, height: int, device: torch.device, seconds: float = 3.0) -> float:
     """Frames per second of the scorer alone on device-resident frames (the ceiling without codecs)."""
     batch = max(1, scorer.batch_size(height, width))
-    x = torch.rand(batch, 3, height, width, device=device)
+    x = torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8, device=device)
     scorer.score(x)
     frames, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -114,31 +115,32 @@ def measure_stages(clip: Path, style: str, frames: int = 24) -> dict:
         pictures = [f for _, f in zip(range(frames), src.decode(stream), strict=False)]
         decode = 1000 * (time.perf_counter() - started) / len(pictures)
     first = pictures[0]
-    layout, planes, full_range = media.frame_planes(first, first.width, first.height)
-    uploader = _Uploader(torch.device("cpu"), media.rgb_matrix(first), 0, (first.height, first.width))
-    scorer = StyleScorer(parse_style(style), device="cpu")
-    with torch.inference_mode():
-        rgb = uploader.to_rgb(layout, [planes], full_range)
-        styled = scorer.score(rgb)
-        stages = {"decode": round(decode, 1),
-                  "to_rgb": median_ms(lambda: uploader.to_rgb(layout, [planes], full_range)),
-                  "network": median_ms(lambda: scorer.score(rgb), runs=3),
-                  "to_yuv": median_ms(lambda: uploader.to_planes(styled))}
-        styled_planes = []
-        for picture in pictures[:8]:
-            picture_layout, picture_planes, picture_range = media.frame_planes(picture, first.width, first.height)
-            rgb = uploader.to_rgb(picture_layout, [picture_planes], picture_range)
-            styled_planes.append(uploader.to_planes(scorer.score(rgb)))
     with tempfile.TemporaryDirectory() as tmp:
         writer = media.SegmentWriter(Path(tmp) / "x.mp4", width=first.width, height=first.height,
                                      time_base=Fraction(1, 25), sample_aspect_ratio=Fraction(1),
                                      frame_rate=Fraction(25), matrix=media.rgb_matrix(first), preset="veryfast",
                                      crf=18, threads=0)
+        uploader = _Uploader(torch.device("cpu"), media.rgb_matrix(first), 0, writer)
+        layout, planes, full_range = media.frame_planes(first, first.width, first.height, rgb=True)
+        scorer = StyleScorer(parse_style(style), device="cpu")
+        with torch.inference_mode():
+            rgb = uploader.to_rgb(layout, [planes], full_range)
+            styled = scorer.score(rgb)
+            stages = {"decode": round(decode, 1),
+                      "to_rgb": median_ms(lambda: media.frame_planes(first, first.width, first.height, rgb=True)),
+                      "network": median_ms(lambda: scorer.score(rgb), runs=3),
+                      "to_yuv": median_ms(lambda: uploader.to_frames(styled))}
+            styled_frames = []
+            for picture in pictures[:8]:
+                picture_layout, picture_planes, picture_range = media.frame_planes(picture, first.width, first.height,
+                                                                                   rgb=True)
+                rgb = uploader.to_rgb(picture_layout, [picture_planes], picture_range)
+                styled_frames += uploader.to_frames(scorer.score(rgb))
         started = time.perf_counter()
-        for i, frame_planes in enumerate(styled_planes * 3):  # real stylized frames, so x264 has real work
-            writer.write(frame_planes[0], i)
+        for i, frame in enumerate(styled_frames * 3):  # real stylized frames, so x264 has real work
+            writer.write(frame, i)
         writer.commit()
-        stages["x264_veryfast"] = round(1000 * (time.perf_counter() - started) / (3 * len(styled_planes)), 1)
+        stages["x264_veryfast"] = round(1000 * (time.perf_counter() - started) / (3 * len(styled_frames)), 1)
     return {"clip": clip.name, "size": f"{first.width}x{first.height}", **stages}
 
 
@@ -201,7 +203,8 @@ def main() -> int:
                 scorer = StyleScorer(spec, device=device)
                 started = time.perf_counter()
                 batch = scorer.batch_size(height, width) if device != "cpu" else 1
-                scorer.score(torch.rand(batch, 3, height, width, device=scorer.torch_device))  # load, compile, warm
+                # load, compile, warm
+                scorer.score(torch.zeros(batch, height, width, 3, dtype=torch.uint8, device=scorer.torch_device))
                 warm_seconds = time.perf_counter() - started
                 model_fps = measure_model_only(scorer, width, height, scorer.torch_device)
                 for pipelines in [1]:
@@ -235,7 +238,7 @@ def main() -> int:
                 clip_w, clip_h = c.streams.video[0].width, c.streams.video[0].height
             longest = max(clip_w, clip_h)
             scorer = StyleScorer(spec, device="cpu")
-            scorer.score(torch.rand(1, 3, clip_h, clip_w))  # load and compile outside the timing, as for rows
+            scorer.score(torch.zeros(1, clip_h, clip_w, 3, dtype=torch.uint8))  # load outside the timing, as for rows
             ours = measure_ours(clip, scorer, "veryfast", work)["fps"]
             for max_size in sorted({640, longest}):
                 peer = measure_peer(clip, args.style, work, max_size)

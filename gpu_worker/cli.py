@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
 
     sub.add_parser("prepare-weights", help="convert the shipped networks to torch once (image build time)")
+    sub.add_parser("prepare", help="convert the networks and compile them for this machine's CPU (install time)")
     return parser
 
 
@@ -106,6 +107,12 @@ def _run(args: argparse.Namespace) -> int:
         from gpu_worker.weights import prepare_all
 
         for path in prepare_all():
+            print(path)
+    elif args.command == "prepare":
+        from gpu_worker import compiled
+        from gpu_worker.weights import prepare_all
+
+        for path in [*prepare_all(), *compiled.prepare(announce=lambda line: print(line, file=sys.stderr))]:
             print(path)
     else:
         return _stylize(args)

@@ -58,3 +58,13 @@ def rgb_to_yuv420(rgb: torch.Tensor, matrix: str, size: tuple[int, int] | None =
     c = (chroma * 224.0 + 128.0).round_().clamp_(0, 255)
     out = torch.cat((y.reshape(n, -1), c.reshape(n, -1)), dim=1).to(torch.uint8)
     return out.reshape(n, height * 3 // 2, width)
+
+
+def to_floats(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N,H,W,3] uint8 RGB → [N,3,H,W] in 0..1 (channels_last in memory: no copy of the layout)."""
+    return frames.permute(0, 3, 1, 2).to(dtype).div_(255)
+
+
+def to_bytes(rgb: torch.Tensor) -> torch.Tensor:
+    """[N,3,H,W] in 0..1 (any float type) → [N,H,W,3] uint8 RGB, rounded in float32."""
+    return rgb.float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -243,20 +243,22 @@ def rgb_matrix(frame: av.VideoFrame) -> str:
     return _MATRIX_BY_COLORSPACE.get(frame.colorspace, "itu709" if frame.height >= 720 else "itu601")
 
 
-def frame_planes(frame: av.VideoFrame, width: int, height: int) -> tuple[str, np.ndarray, bool]:
-    """(layout, pixels, full_range) for the scorer's device to convert: the decoder's own I420 planes when
-    they already have the wanted size (the common case, and half the bytes of RGB), else RGB via swscale
-    (10-bit, 4:4:4, odd sizes, scaling). Rotation is left to the device."""
+def frame_planes(frame: av.VideoFrame, width: int, height: int, rgb: bool = False) -> tuple[str, np.ndarray, bool]:
+    """(layout, pixels, full_range) for the scorer's device: the decoder's own I420 planes when they already
+    have the wanted size (the common case on a GPU, which converts them itself from half the bytes of
+    RGB), else — or whenever ``rgb`` asks for it — full-range RGB converted by swscale (10-bit, 4:4:4, odd
+    sizes, scaling, and every frame on the CPU, where swscale's SIMD code is ~10x faster than torch's).
+    Rotation is left to the device."""
     full_range = frame.color_range == 2 or frame.format.name == "yuvj420p"
-    if (frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (width, height)
+    if (not rgb and frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (width, height)
             and width % 2 == 0 and height % 2 == 0):
         return "yuv420p", frame.to_ndarray(), full_range
-    rgb = frame.to_ndarray(
+    pixels = frame.to_ndarray(
         width=width, height=height, interpolation="AREA" if width < frame.width else None,
         format="rgb24", src_colorspace=rgb_matrix(frame), dst_colorspace=rgb_matrix(frame),
         src_color_range=2 if full_range else 1, dst_color_range=2,
     )
-    return "rgb24", rgb, True
+    return "rgb24", pixels, True
 
 
 def mp4_timescales(time_base: Fraction) -> dict[str, str]:
@@ -290,6 +292,7 @@ class SegmentWriter:
         # 4:2:0 needs even sides: scale to the next even size and fold the change into the SAR, so the
         # display size is exactly the source's.
         self.width, self.height = width + width % 2, height + height % 2
+        self.matrix = matrix
         sar = sample_aspect_ratio * Fraction(width * self.height, height * self.width)
         self.frames = 0
         self._container = av.open(str(self.tmp), mode="w", format="mp4", options=mp4_timescales(time_base))
@@ -303,15 +306,27 @@ class SegmentWriter:
         ctx.color_primaries = ctx.color_trc = {"itu709": 1, "bt2020": 9}.get(matrix, 6)
         ctx.color_range = 1  # limited (tv) range, what players expect from H.264
         ctx.thread_count = threads
+        # frame threads, as the ffmpeg command uses: PyAV's default for encoders is slice threads, which made
+        # x264 ~1.3x slower per frame at 1080p here
+        ctx.thread_type = "AUTO"
         ctx.options = {"preset": preset, "crf": str(crf)}
         self._stream = stream
 
-    def write(self, planes: np.ndarray, pts: int) -> None:
-        """One frame as limited-range I420 planes ([height*3/2, width] uint8) with its source pts."""
-        frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    def write(self, pixels: np.ndarray | av.VideoFrame, pts: int) -> None:
+        """One frame with its source pts: limited-range I420 planes ([height*3/2, width] uint8) or an I420
+        frame from :meth:`yuv_frame`."""
+        frame = pixels if isinstance(pixels, av.VideoFrame) else av.VideoFrame.from_ndarray(pixels, format="yuv420p")
         frame.pts = pts
         self._container.mux(self._stream.encode(frame))
         self.frames += 1
+
+    def yuv_frame(self, rgb: np.ndarray) -> av.VideoFrame:
+        """Full-range RGB ([h, w, 3] uint8, any size) converted and scaled by swscale to this stream's I420."""
+        # AREA averages each 2x2 block for the chroma: the inverse of the decoder side's nearest-neighbour
+        # upsampling, so chroma a model leaves alone comes back unblurred (bilinear: 2.1 levels off, AREA 0.8)
+        return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+            width=self.width, height=self.height, format="yuv420p", interpolation="AREA", src_colorspace=self.matrix,
+            dst_colorspace=self.matrix, src_color_range=2, dst_color_range=1)
 
     def commit(self) -> None:
         self._container.mux(self._stream.encode(None))

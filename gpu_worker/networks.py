@@ -18,10 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import os
 import platform
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +309,52 @@ class ArbitraryStyleNet(nn.Module):
 
 
 # --------------------------------------------------------------------------
+# Frames in, frames out
+# --------------------------------------------------------------------------
+
+
+def keep_colour(stylized: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Stylized luminance with the original's chroma (full-range BT.601 YCbCr, as JPEG and PIL use)."""
+    r, g, b = stylized.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    r0, g0, b0 = original.unbind(1)
+    cb = -0.168736 * r0 - 0.331264 * g0 + 0.5 * b0
+    cr = 0.5 * r0 - 0.418688 * g0 - 0.081312 * b0
+    return torch.stack((y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb), dim=1)
+
+
+class FrameStylizer(nn.Module):
+    """A style transformer as the worker runs it: RGB bytes [N,H,W,3] in, stylized RGB bytes out.
+
+    Bytes at both ends, as video frames are: compiled, the conversions fuse into the network's first and
+    last passes.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, frames: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.net.parameters()).dtype
+        y = self.net(frames.permute(0, 3, 1, 2).to(dtype) / 255, condition)
+        return (y.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def apply_options(stylized: torch.Tensor, original: torch.Tensor, strength: float,
+                  preserve_color: bool) -> torch.Tensor:
+    """A job's options on RGB bytes: ``preserve_color`` keeps the original chroma under the stylized
+    luminance, ``strength`` (0..1) mixes with the original. Only jobs that ask pay for it."""
+    if strength >= 1.0 and not preserve_color:
+        return stylized
+    y, x = stylized.permute(0, 3, 1, 2).float() / 255, original.permute(0, 3, 1, 2).float() / 255
+    if preserve_color:
+        y = keep_colour(y, x)
+    if strength < 1.0:
+        y = torch.lerp(x, y, strength)
+    return (y * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------
 # CPU inference
 # --------------------------------------------------------------------------
 
@@ -330,63 +374,3 @@ def tune_glibc_malloc() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-class CpuOptimized(nn.Module):
-    """Runs a style network in channels_last, through ``torch.compile`` for frames worth compiling.
-
-    Inductor fuses each norm's statistics, scale/shift, ReLU and the next
-    layer's reflect padding into two passes and freezes the conv weights into
-    oneDNN's blocked layout. The first call per frame size compiles (10-30 s
-    cold, less with the on-disk cache) and is checked once against the eager
-    module; if compiling fails or the results disagree, it warns and stays
-    eager. Call it under ``torch.inference_mode()`` (freezing needs it).
-    """
-
-    CHECK_TOLERANCE = 1e-3  # float32; measured differences are ~3e-6
-
-    def __init__(self, net: nn.Module, compile: bool = True, min_compile_pixels: int = 256 * 256):
-        super().__init__()
-        self.net = net
-        self.min_compile_pixels = min_compile_pixels
-        # Not registered as a submodule: it wraps ``net``, whose weights are already ours.
-        compiled = torch.compile(net, options={"freezing": True}) if compile else None
-        object.__setattr__(self, "_compiled", compiled)
-        self._checked: set[tuple[int, ...]] = set()
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self._compiled is None or x.shape[-2] * x.shape[-1] < self.min_compile_pixels:
-            return self.net(x, condition)
-        try:
-            y = self._compiled(x, condition)
-        except Exception as exc:  # no C++ compiler in the image, an inductor bug, ...
-            self._give_up(f"torch.compile failed ({type(exc).__name__}: {exc})")
-            return self.net(x, condition)
-        if tuple(x.shape) not in self._checked:
-            # Known inductor bugs have broken instance norm before: trust, but verify once.
-            self._checked.add(tuple(x.shape))
-            diff = (y.float() - self.net(x, condition).float()).abs().max().item()
-            if not diff <= self.CHECK_TOLERANCE:
-                self._give_up(f"compiled output differs from eager by {diff:.2e}")
-                return self.net(x, condition)
-        return y
-
-    def _give_up(self, why: str) -> None:
-        warnings.warn(f"{why}; running the network eagerly", RuntimeWarning, stacklevel=3)
-        object.__setattr__(self, "_compiled", None)
-
-
-def optimize_for_cpu(net: nn.Module, compile: bool | None = None, tune_allocator: bool = True) -> nn.Module:
-    """The fastest correct CPU setup we measured: channels_last + ``torch.compile`` + glibc malloc tuning.
-
-    ``compile`` defaults to the environment ``GPU_WORKER_CPU_COMPILE`` (on unless
-    "0"); frames under 256x256 always run eagerly, compiling them never pays.
-    Returns a module with the same ``forward(x, condition)``.
-    """
-    if compile is None:
-        compile = os.environ.get("GPU_WORKER_CPU_COMPILE", "1") != "0"
-    if tune_allocator:
-        tune_glibc_malloc()
-    net = net.eval().to(memory_format=torch.channels_last)
-    return CpuOptimized(net, compile=compile)

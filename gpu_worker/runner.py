@@ -23,15 +23,17 @@ import av
 import numpy as np
 import torch
 
-from gpu_worker import colour, media
+import gpu_worker
+from gpu_worker import colour, media, networks
 from gpu_worker.errors import InputError
 
 
 class Scorer(Protocol):
-    """A batch model over video frames: [N,3,H,W] float RGB in 0..1 on ``torch_device`` in, the same out.
+    """A batch model over video frames: [N,H,W,3] uint8 RGB on ``torch_device`` in, the same out.
 
-    The runner does everything else — decoding, colour conversion on the scorer's device, rotation,
-    batching, encoding — so a new model only implements this.
+    The runner does everything else — decoding, colour conversion, rotation, batching, encoding — so a new
+    model only implements this; bytes at both ends, as video frames are, so a model converts to its own
+    input type where it can fuse that into its first layer.
     """
 
     name: str
@@ -65,6 +67,8 @@ class RangeResult:
     last_pts_seconds: float | None
     latency_ms: dict[str, float]  # per frame, decoded → encoded: p50, p95, max (a distribution, not a log)
     node: str
+    network: str  # how the model ran: "compiled (cached)", "eager", …
+    first_frame_seconds: float | None  # from the worker process's start to its first frame encoded
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -134,14 +138,16 @@ def _run_single(
         pts_seen: list[int] = []
         decoded_at: dict[int, float] = {}  # pts → when the frame left the decoder
         latencies: list[float] = []
-        to_device = _Uploader(scorer.torch_device, matrix, turns, (writer.height, writer.width))
+        first_frame_at: list[float] = []
+        to_device = _Uploader(scorer.torch_device, matrix, turns, writer)
 
         def decode() -> None:
             try:
                 t0 = time.perf_counter()
                 for frame in media.decode_range(container, stream, start, end):
                     # one size for the whole range, even if the stream changes size mid-way
-                    item = (frame.pts, *media.frame_planes(frame, width, height))
+                    item = (frame.pts, *media.frame_planes(frame, width, height,
+                                                            rgb=not to_device.colour_on_device))
                     decoded_at[frame.pts] = time.perf_counter()
                     timing["decode"] += decoded_at[frame.pts] - t0
                     if not _put(frames_in, item, stop):
@@ -158,6 +164,8 @@ def _run_single(
                     t0 = time.perf_counter()
                     for pts, frame_planes in zip(pts_list, planes, strict=True):
                         writer.write(frame_planes, pts)
+                        if not first_frame_at:
+                            first_frame_at.append(time.monotonic())
                         latencies.append(time.perf_counter() - decoded_at.pop(pts, t0))
                     timing["encode"] += time.perf_counter() - t0
                     pts_seen.extend(pts_list)
@@ -224,6 +232,8 @@ def _run_single(
         first_pts_seconds=float(pts_seen[0] * tb) if pts_seen else None,
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
         latency_ms=_distribution_ms(latencies), node=socket.gethostname(),
+        network=getattr(scorer, "network", "none"),
+        first_frame_seconds=first_frame_at[0] - gpu_worker.STARTED if first_frame_at else None,
     )
     return result, latencies
 
@@ -253,7 +263,8 @@ def _empty_result(output: Path, scorer: Scorer) -> RangeResult:
     return RangeResult(output=str(output), frames=0, seconds=0.0, fps=0.0, device=scorer.device, scorer=scorer.name,
                        batch_size=0, decode_seconds=0.0, score_seconds=0.0, encode_seconds=0.0, peak_rss_mb=0.0,
                        peak_device_memory_mb=None, first_pts_seconds=None, last_pts_seconds=None, latency_ms={},
-                       node=socket.gethostname())
+                       node=socket.gethostname(), network=getattr(scorer, "network", "none"),
+                       first_frame_seconds=None)
 
 
 def _distribution_ms(values: list[float]) -> dict[str, float]:
@@ -268,25 +279,36 @@ def _distribution_ms(values: list[float]) -> dict[str, float]:
 
 
 class _Uploader:
-    """Moves decoded frames to the scorer's device and back: colour conversion, rotation, even sizes."""
+    """Moves decoded frames to the scorer's device as RGB bytes and back: colour conversion, rotation, even sizes.
 
-    def __init__(self, device: torch.device, matrix: str, turns: int, out_size: tuple[int, int]) -> None:
-        self.device, self.matrix, self.turns, self.out_size = device, matrix, turns, out_size
+    On the CPU swscale's SIMD code converts, into RGB in the decoder's thread and back to YUV in the scoring
+    thread, leaving the encoder's thread to x264. On a GPU the codec's I420 planes travel (half the bytes of
+    RGB) and are converted there, sparing the node's CPUs, which decode and encode.
+    """
+
+    def __init__(self, device: torch.device, matrix: str, turns: int, writer: media.SegmentWriter) -> None:
+        self.device, self.matrix, self.turns, self.writer = device, matrix, turns, writer
         self.pin = device.type == "cuda"
+        self.colour_on_device = device.type != "cpu"
+        if not self.colour_on_device:
+            # frames are MBs each: without this every buffer is a fresh mmap, page-faulted in again
+            networks.tune_glibc_malloc()
 
     def to_rgb(self, layout: str, arrays: list[np.ndarray], full_range: bool) -> torch.Tensor:
+        """[N,H,W,3] uint8 RGB on the scorer's device, display orientation."""
         batch = torch.from_numpy(np.stack(arrays))
         if self.pin:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
-        if layout == "yuv420p":
-            rgb = colour.yuv420_to_rgb(batch, self.matrix, full_range)
-        else:
-            rgb = batch.permute(0, 3, 1, 2).float().div_(255)
-        return torch.rot90(rgb, self.turns, dims=(2, 3)) if self.turns else rgb
+        rgb = colour.to_bytes(colour.yuv420_to_rgb(batch, self.matrix, full_range)) if layout == "yuv420p" else batch
+        return torch.rot90(rgb, self.turns, dims=(1, 2)) if self.turns else rgb
 
-    def to_planes(self, rgb: torch.Tensor) -> np.ndarray:
-        return colour.rgb_to_yuv420(rgb, self.matrix, self.out_size).cpu().numpy()
+    def to_frames(self, rgb: torch.Tensor) -> list:
+        """Each scored frame ready for the encoder: an I420 VideoFrame (swscale) or I420 planes (device)."""
+        if not self.colour_on_device:
+            return [self.writer.yuv_frame(frame) for frame in rgb.numpy()]
+        size = (self.writer.height, self.writer.width)
+        return list(colour.rgb_to_yuv420(colour.to_floats(rgb), self.matrix, size).cpu().numpy())
 
 
 def _score_batch(pending: list, uploader: _Uploader, scorer: Scorer, scored: queue.Queue,
@@ -294,7 +316,7 @@ def _score_batch(pending: list, uploader: _Uploader, scorer: Scorer, scored: que
     t0 = time.perf_counter()
     with torch.inference_mode():
         rgb = uploader.to_rgb(pending[0][1], [item[2] for item in pending], pending[0][3])
-        planes = uploader.to_planes(scorer.score(rgb))
+        planes = uploader.to_frames(scorer.score(rgb))
     timing["score"] += time.perf_counter() - t0
     if not _put(scored, ([item[0] for item in pending], planes), stop):
         raise errors[0]

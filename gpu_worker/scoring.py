@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpu_worker.errors import InputError
+from gpu_worker.networks import FrameStylizer, apply_options
 from gpu_worker.style_spec import StyleSpec
 
 MAX_STYLE_IMAGE_BYTES = 50 * 1024 * 1024
@@ -52,7 +54,7 @@ class IdentityScorer:
         return 4
 
     def score(self, frames: torch.Tensor) -> torch.Tensor:
-        return frames
+        return frames  # RGB bytes, as every scorer receives them: the codec path is the same for all
 
     def peak_device_memory_mb(self) -> float | None:
         return None
@@ -73,8 +75,12 @@ class StyleScorer:
         self.max_batch = max_batch
         self._dtype = torch.float16 if self.torch_device.type == "cuda" else torch.float32
         self._http_headers = http_headers
-        self._net: torch.nn.Module | None = None
+        self._net: FrameStylizer | CompiledOnDevice | None = None
+        self._compiled = None  # gpu_worker.compiled.CompiledNetwork, on the CPU
         self._condition: torch.Tensor | None = None
+        self._name = ""
+        self.network = "not loaded"  # how the network runs: "compiled (cached)", "eager", … (for reports)
+        self.announce: Callable[[str], None] = _to_stderr
         if spec.image is not None:
             self._style_image = load_style_image(spec.image, http_headers)  # fail fast on a bad image
 
@@ -98,28 +104,45 @@ class StyleScorer:
         from gpu_worker import networks, weights
 
         if self.spec.weights is not None:
-            self._net = weights.build("multistyle26", self.torch_device, self._dtype)
+            name = "multistyle26"
             self._condition = torch.tensor(self.spec.weights, device=self.torch_device, dtype=self._dtype)
         else:
+            name = "arbitrary_transform"
             predictor = weights.build("arbitrary_predict", self.torch_device, torch.float32)
             with torch.inference_mode():
                 vector = predictor(_image_tensor(self._style_image, self.torch_device))
-            self._net = weights.build("arbitrary_transform", self.torch_device, self._dtype)
             self._condition = vector.to(self._dtype)
+        self._name = name
+        if self.torch_device.type == "cpu":
+            networks.tune_glibc_malloc()
+            if os.environ.get("GPU_WORKER_CPU_COMPILE", "1") != "0":
+                from gpu_worker import compiled
+
+                self._compiled = compiled.load(name, announce=self.announce)
+                if self._compiled is not None:
+                    self.network = f"compiled ({self._compiled.source})"
+                    return  # the eager network is built only if a frame is too small for the compiled one
+        self._net = self._eager()
+
+    def _eager(self) -> torch.nn.Module:
+        from gpu_worker import weights
+
+        self.network = "eager"
+        net = weights.build(self._name, self.torch_device, self._dtype).to(memory_format=torch.channels_last)
+        module = FrameStylizer(net)
         if self.torch_device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one frame size per task: tuning pays off after a batch
-            self._net = self._net.to(memory_format=torch.channels_last)
             # Off by default: compiling takes 20-35 s per process and, with the codec path the bottleneck
             # (H200, 1080p: network 548 fps compiled vs 156 eager, but decode+encode ~110-140 fps), it only
             # pays on long segments. GPU_WORKER_CUDA_COMPILE=1 turns it on.
             if os.environ.get("GPU_WORKER_CUDA_COMPILE", "0") == "1":
-                self._net = CompiledOnDevice(self._net)
-        elif hasattr(networks, "optimize_for_cpu"):
-            self._net = networks.optimize_for_cpu(self._net)
+                self.network = "torch.compile"
+                return CompiledOnDevice(module)
+        return module
 
     @torch.inference_mode()
     def score(self, frames: torch.Tensor) -> torch.Tensor:
-        if self._net is None:
+        if self._condition is None:
             self._load()
         try:
             return self._score(frames)
@@ -132,18 +155,16 @@ class StyleScorer:
             return torch.cat([self.score(frames[:half]), self.score(frames[half:])])
 
     def _score(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.to(self._dtype)
-        if self.torch_device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         condition = self._condition
         if condition is not None and condition.dim() == 2:
             condition = condition.expand(len(frames), -1)
-        y = self._net(x, condition)
-        if self.spec.preserve_color:
-            y = keep_colour(y, x)
-        if self.spec.strength < 1.0:
-            y = torch.lerp(x, y, self.spec.strength)
-        return y.clamp_(0, 1)
+        if self._compiled is not None and self._compiled.accepts(*frames.shape[1:3]):
+            styled = self._compiled(frames, condition)
+        else:
+            if self._net is None:
+                self._net = self._eager()
+            styled = self._net(frames, condition)
+        return apply_options(styled, frames, self.spec.strength, self.spec.preserve_color)
 
 
 class CompiledOnDevice:
@@ -165,39 +186,33 @@ class CompiledOnDevice:
         self._batch = 0
         self._checked = False
 
-    def __call__(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def __call__(self, frames: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
-            return self.net(x, condition)
-        n = x.shape[0]
+            return self.net(frames, condition)
+        n = frames.shape[0]
         self._batch = max(self._batch, n)
         if n < self._batch:  # pad, rather than compile a second graph for the last batch
-            x = torch.cat([x, x[-1:].expand(self._batch - n, -1, -1, -1)]).contiguous(
-                memory_format=torch.channels_last)
+            frames = torch.cat([frames, frames[-1:].expand(self._batch - n, -1, -1, -1)])
             if condition.dim() == 2:
                 condition = torch.cat([condition, condition[-1:].expand(self._batch - n, -1)])
         try:
-            y = self._compiled(x, condition)
+            y = self._compiled(frames, condition)
             if not self._checked:
                 self._checked = True
-                diff = (y.float() - self.net(x, condition).float()).abs().mean().item()
+                eager = self.net(frames, condition)
+                diff = (y.float() - eager.float()).abs().mean().item() / 255
                 if not diff <= self.TOLERANCE:
                     raise RuntimeError(f"compiled output differs from eager by {diff:.3g} on average")
         except Exception as exc:  # no compiler in the image, an inductor bug, a mismatch: eager still works
             warnings.warn(f"torch.compile not used ({type(exc).__name__}: {exc}); running eagerly",
                           RuntimeWarning, stacklevel=2)
             self._compiled = None
-            return self.net(x[:n], condition[:n] if condition.dim() == 2 else condition)
+            return self.net(frames[:n], condition[:n] if condition.dim() == 2 else condition)
         return y[:n]
 
 
-def keep_colour(stylized: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Stylized luminance with the original's chroma (full-range BT.601 YCbCr, as JPEG and PIL use)."""
-    r, g, b = stylized.unbind(1)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    r0, g0, b0 = original.unbind(1)
-    cb = -0.168736 * r0 - 0.331264 * g0 + 0.5 * b0
-    cr = 0.5 * r0 - 0.418688 * g0 - 0.081312 * b0
-    return torch.stack((y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb), dim=1)
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_style_image(ref: str, http_headers: Mapping[str, str] | None = None):

@@ -217,6 +217,11 @@ def convert(name: str, onnx_file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def cache_key(name: str) -> str:
+    """Names the trained weights of ``name`` (package version, file size and hash): changes when they do."""
+    return _cache_path(name, _onnx_path(name)).stem
+
+
 def _ensure_cached(name: str) -> tuple[Path, dict[str, torch.Tensor] | None]:
     """Return the cache file for ``name``, converting first if needed (and the fresh dict, if converted)."""
     onnx_file = _onnx_path(name)

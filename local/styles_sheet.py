@@ -38,11 +38,11 @@ def write_contact_sheet(output: Path, image: Path | None = None) -> Path:
     picture = sample_picture(image)
     picture.thumbnail((TILE, TILE))
     pixels = np.asarray(picture.convert("RGB"))
-    frame = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    frame = torch.from_numpy(np.ascontiguousarray(pixels))[None]
     tiles = [("original", pixels)]
     for index in range(NUM_STYLES):
         styled = StyleScorer(parse_style(str(index)), device="cpu").score(frame)[0]
-        tiles.append((str(index), (styled.permute(1, 2, 0) * 255 + 0.5).to(torch.uint8).numpy()))
+        tiles.append((str(index), styled.numpy()))
     height, width = pixels.shape[:2]
     rows = -(-len(tiles) // COLUMNS)
     sheet = Image.new("RGB", (COLUMNS * (width + 6) + 6, rows * (height + LABEL + 6) + 6), "white")
