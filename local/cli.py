@@ -146,7 +146,7 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
             return EXIT_BAD_INPUT
         job_id = reply["id"]
         try:
-            status = _follow(host, job_id, quiet=args.json)
+            status = _follow(host, job_id)
         except KeyboardInterrupt:
             host.terminate(job_id, "interrupted")
             svc.compute.delete(job_id)
@@ -172,19 +172,24 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
     return EXIT_OK
 
 
-def _follow(host, job_id: str, quiet: bool) -> dict:
-    """Wait for the job, drawing a progress line from its custom status."""
-    last_line = ""
+def _follow(host, job_id: str) -> dict:
+    """Wait for the job, showing its progress on stderr (the --json summary goes to stdout): a line redrawn
+    in place on a terminal, else one line per stage, so logs and `make demo` show it too."""
+    last_line, last_stage, redraw = "", "", sys.stderr.isatty()
     while True:
         status = host.status(job_id) or {}
         if status.get("runtimeStatus") in ("Completed", "Failed", "Terminated"):
-            if last_line:
+            if last_line and redraw:
                 print(file=sys.stderr)
             return status
-        line = progress_line(status.get("customStatus") or {})
-        if not quiet and line != last_line:
+        custom = status.get("customStatus") or {}
+        line = progress_line(custom)
+        if redraw and line != last_line:
             print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
-            last_line = line
+        elif not redraw and custom.get("stage", "queued") != last_stage:
+            print(line, file=sys.stderr, flush=True)
+            last_stage = custom.get("stage", "queued")
+        last_line = line
         time.sleep(0.25)
 
 

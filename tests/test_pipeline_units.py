@@ -172,3 +172,33 @@ def test_blob_storage_reads_sources_with_its_identity_token() -> None:
     assert identity.scopes == ["https://storage.azure.com/.default"]
     assert storage.reader_url("input", "a.mp4") == "https://acct.blob.core.windows.net/input/a.mp4"
     assert LocalStorage(Path("/tmp")).reader_headers() is None
+
+
+def test_local_poll_answers_at_news_and_waits_quietly_between(tmp_path: Path) -> None:
+    """The monitor ticks when a task changes, not every POLL_SECONDS: an idle tick replays the orchestration's
+    whole history in the process that shares the machine with the workers."""
+    import sys
+    import time
+
+    from pipeline.compute import LocalCompute, Task
+
+    fake_python = tmp_path / "fake-python"  # stands in for `python -m gpu_worker …`: a second's work, then out.mp4
+    fake_python.write_text(f"#!{sys.executable}\nimport time; time.sleep(1); open('out.mp4', 'wb').write(b'x')\n")
+    fake_python.chmod(0o755)
+    compute = LocalCompute(LocalStorage(tmp_path / "storage"), tmp_path / "scratch", python=str(fake_python),
+                           poll_wait_seconds=30)
+    try:
+        assert compute.submit("job", [Task("seg-0", ["stylize"], "work", "job/seg-0.mp4")]) == 1
+        began = time.monotonic()
+        states = compute.poll("job")  # the submission itself is news
+        while states["seg-0"].state != "succeeded":
+            assert states["seg-0"].state in ("pending", "running"), states
+            states = compute.poll("job")  # blocks until the task changes, well before the 30 s wait
+        assert time.monotonic() - began < 20
+        compute.poll_wait_seconds = 0.3
+        quiet = time.monotonic()
+        assert compute.poll("job")["seg-0"].state == "succeeded"  # no news: waits the whole wait, then answers
+        assert time.monotonic() - quiet >= 0.3
+        assert (tmp_path / "storage" / "work" / "job" / "seg-0.mp4").read_bytes() == b"x"
+    finally:
+        compute.close()

@@ -37,6 +37,10 @@ def test_run_produces_the_whole_video(tmp_path: Path) -> None:
     assert frame_times(out) == frame_times(source)
     assert display_aspect(video_stream_info(out)) == display_aspect(video_stream_info(source))
     assert sorted(p.name for p in out.parent.iterdir()) == ["carphone.mp4"]  # no partial files beside it
+    # --json keeps stdout to the summary, and progress still shows on stderr: a line a stage off a terminal
+    stages = [line.split()[0] for line in result.stderr.splitlines() if line.strip()]
+    assert "scoring" in stages and "stitching" in stages, result.stderr
+    assert stages.index("scoring") < stages.index("stitching") and len(stages) == len(set(stages)), stages
 
 
 @pytest.mark.parametrize(
