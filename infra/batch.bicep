@@ -23,8 +23,8 @@ param maxNodes int = 4
 @description('Use spot (low-priority) nodes instead of dedicated ones: cheaper, may be preempted (tasks are requeued).')
 param useSpot bool = false
 
-@description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2204 marketplace image.')
-param imageVersion string = '22.04.2024102301'
+@description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2404 marketplace image (NVIDIA driver 580.173.02, CUDA 13.0, as the torch of the worker image needs).')
+param imageVersion string = '24.04.2026072901'
 
 var autoscaleFormula = format(loadTextContent('autoscale-formula.txt'), maxNodes, useSpot ? 1 : 0)
 
@@ -70,10 +70,10 @@ resource pool 'Microsoft.Batch/batchAccounts/pools@2024-07-01' = {
         imageReference: {
           publisher: 'microsoft-dsvm'
           offer: 'ubuntu-hpc'
-          sku: '2204'
+          sku: '2404'
           version: imageVersion
         }
-        nodeAgentSkuId: 'batch.node.ubuntu 22.04'
+        nodeAgentSkuId: 'batch.node.ubuntu 24.04'
         containerConfiguration: {
           type: 'DockerCompatible'
           // Pre-fetched when a node starts, so the first task on it does not wait for the pull.

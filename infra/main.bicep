@@ -41,8 +41,8 @@ param batchMaxNodes int = 4
 @description('Use spot (low-priority) nodes instead of dedicated ones.')
 param batchUseSpot bool = false
 
-@description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2204 image for the pool.')
-param batchImageVersion string = '22.04.2024102301'
+@description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2404 image for the pool (its NVIDIA driver must support CUDA 13.0, which the worker image uses).')
+param batchImageVersion string = '24.04.2026072901'
 
 @description('Worker image; empty = <registry login server>/stylize-worker:latest.')
 param workerImage string = ''

@@ -399,9 +399,10 @@ def test_batch_gpu_pool():
     assert props["taskSlotsPerNode"] == 1
     vm = props["deploymentConfiguration"]["virtualMachineConfiguration"]
     image = vm["imageReference"]
-    assert (image["publisher"], image["offer"], image["sku"]) == ("microsoft-dsvm", "ubuntu-hpc", "2204")
-    assert re.fullmatch(r"22\.04\.\d{10}", param_default("batch.bicep", image["version"])), "pin the image version"
-    assert vm["nodeAgentSkuId"] == "batch.node.ubuntu 22.04"
+    assert (image["publisher"], image["offer"], image["sku"]) == ("microsoft-dsvm", "ubuntu-hpc", "2404")
+    # pinned, and a release whose NVIDIA driver (580.173.02) runs the worker image's CUDA 13.0 build of torch
+    assert param_default("batch.bicep", image["version"]) == "24.04.2026072901"
+    assert vm["nodeAgentSkuId"] == "batch.node.ubuntu 24.04"
     containers = vm["containerConfiguration"]
     assert containers["type"] == "DockerCompatible"
     assert containers["containerImageNames"] == ["workerImage"]
