@@ -30,7 +30,7 @@ log = logging.getLogger("stylize.app")
 telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it, nothing starts
 
 ORCHESTRATION = "stylize_video"
-JOB_FIELDS = {"input", "output", "style", "strength", "preserve_color", "max_size", "segment_seconds"}
+JOB_FIELDS = {"input", "output", "style", "strength", "preserve_color", "temporal", "max_size", "segment_seconds"}
 ACTIVE = {"Pending", "Running", "ContinuedAsNew"}
 
 

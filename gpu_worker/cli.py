@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-s", "--style", required=True, help="7, 3:0.5,12:0.5, or a style image path/URL")
     s.add_argument("--strength", default="1.0", help="0 (original) to 1 (fully stylized); default 1")
     s.add_argument("--preserve-color", action="store_true", help="keep the original colours")
+    s.add_argument("--temporal", default=None,
+                   help="0 (off) to 0.95: steadies each frame with the previous one, carried along the motion "
+                        "(default 0.9 for styles; the identity scorer never blends)")
     s.add_argument("--max-size", type=int, default=0, help="scale so the longer side is at most this (0: keep)")
     s.add_argument("--start", type=_seconds, default=Fraction(0), help="range start in seconds (inclusive)")
     s.add_argument("--end", type=_seconds, default=None, help="range end in seconds (exclusive); default: end")
@@ -145,7 +148,8 @@ def _stylize(args: argparse.Namespace) -> int:
     from gpu_worker.source_auth import http_headers
 
     headers = http_headers()
-    spec = parse_style(args.style, args.strength, args.preserve_color)
+    spec = parse_style(args.style, args.strength, args.preserve_color,
+                       *([] if args.temporal is None else [args.temporal]))
     if args.max_size and not 16 <= args.max_size <= 8192:
         raise InputError(f"--max-size must be 0 or 16 to 8192, got {args.max_size}", field="max_size")
     if args.scorer == "identity":
@@ -173,7 +177,8 @@ def _stylize(args: argparse.Namespace) -> int:
         return EXIT_OK
     result = run_range(args.source, args.output, scorer, args.start, args.end,
                        encoder=EncoderOptions(preset=args.preset, crf=args.crf), http_headers=headers,
-                       max_size=args.max_size, progress=progress)
+                       max_size=args.max_size, progress=progress,
+                       temporal=0.0 if args.scorer == "identity" else spec.temporal)
     _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
                                   f"({result.fps:.2f} fps on {result.device})")
     return EXIT_OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -174,11 +175,22 @@ def range_pts(start: Fraction, end: Fraction | None, time_base: Fraction) -> tup
 
 
 def decode_range(
-    container: av.container.InputContainer, stream: av.VideoStream, start: Fraction, end: Fraction | None
+    container: av.container.InputContainer, stream: av.VideoStream, start: Fraction, end: Fraction | None,
+    preroll: int = 0,
 ) -> Iterator[av.VideoFrame]:
-    """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start."""
+    """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start.
+
+    With ``preroll``, up to that many frames before ``start`` come first (a stage that carries state from
+    frame to frame warms up on them); the caller tells them apart by ``frame.pts < range_pts(...)[0]``.
+    They come only if the range itself has a frame.
+    """
     lo, hi = range_pts(start, end, stream.time_base)
-    frames = _seek_before(container, stream, lo)
+    seek_to = lo
+    if preroll:
+        rate = stream.average_rate or stream.guessed_rate or 25
+        seek_to = max(0, lo - math.ceil((preroll + 2) / (rate * stream.time_base)))  # a little to spare
+    frames = _seek_before(container, stream, seek_to)
+    before: deque[av.VideoFrame] = deque(maxlen=preroll or 1)
     decoded_to = None  # where the last decoded frame ends
     try:
         for frame in frames:
@@ -188,7 +200,11 @@ def decode_range(
                 return
             decoded_to = frame.pts + (frame.duration or 0)
             if frame.pts >= lo:
+                while preroll and before:
+                    yield before.popleft()
                 yield frame
+            elif preroll:
+                before.append(frame)
     except av.error.FFmpegError as exc:
         raise InputError(f"the video cannot be decoded past this point ({exc.strerror})") from None
     _check_not_truncated(stream, lo if decoded_to is None else decoded_to, hi)

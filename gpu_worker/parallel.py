@@ -37,6 +37,8 @@ def run_in_processes(args: argparse.Namespace, count: int, http_headers: Mapping
                 command += ["--end", _exact(end)]
             if args.preserve_color:
                 command.append("--preserve-color")
+            if args.temporal is not None:
+                command += ["--temporal", str(args.temporal)]
             procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outputs = [proc.communicate() for proc in procs]
         summaries = []

@@ -100,22 +100,27 @@ def run_range(
     http_headers: Mapping[str, str] | None = None,
     max_size: int = 0,
     progress: Callable[[int], None] | None = None,
+    temporal: float = 0.0,
 ) -> RangeResult:
     """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``.
 
     ``max_size`` (0: off) scales frames down so that their longer side is at most that many pixels.
+    ``temporal`` (0: off, up to 1) blends each scored frame with the previous output carried along the
+    source's motion (:mod:`gpu_worker.temporal`); the range then starts with frames before ``start`` that
+    are scored and blended but not written, so neighbouring ranges meet in the same state.
     """
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
     encoder = encoder or EncoderOptions()
-    result, _ = _run_single(source, output, scorer, start, end, encoder, http_headers, max_size, progress)
+    result, _ = _run_single(source, output, scorer, start, end, encoder, http_headers, max_size, progress,
+                            temporal=temporal)
     return result
 
 
 def _run_single(
     source: str, output: Path, scorer: Scorer, start: Fraction, end: Fraction | None, encoder: EncoderOptions,
     http_headers: Mapping[str, str] | None, max_size: int, progress: Callable[[int], None] | None,
-    allow_empty: bool = False,
+    allow_empty: bool = False, temporal: float = 0.0,
 ) -> tuple[RangeResult, list[float]]:
     began = time.perf_counter()
     timing = {"decode": 0.0, "score": 0.0, "encode": 0.0}
@@ -140,16 +145,26 @@ def _run_single(
         latencies: list[float] = []
         first_frame_at: list[float] = []
         to_device = _Uploader(scorer.torch_device, matrix, turns, writer)
+        first_pts = media.range_pts(start, end, stream.time_base)[0]  # earlier frames only warm a stage up
+        blender = None
+        if temporal > 0:
+            from gpu_worker.temporal import TemporalBlender, warmup_frames
+
+            blender = TemporalBlender(temporal)
+        after = _Finisher(blender, first_pts)
 
         def decode() -> None:
             try:
                 t0 = time.perf_counter()
-                for frame in media.decode_range(container, stream, start, end):
+                preroll = warmup_frames(temporal) if blender else 0
+                for frame in media.decode_range(container, stream, start, end, preroll=preroll):
                     # one size for the whole range, even if the stream changes size mid-way
                     item = (frame.pts, *media.frame_planes(frame, width, height,
                                                             rgb=not to_device.colour_on_device))
-                    decoded_at[frame.pts] = time.perf_counter()
-                    timing["decode"] += decoded_at[frame.pts] - t0
+                    now = time.perf_counter()
+                    if frame.pts >= first_pts:
+                        decoded_at[frame.pts] = now
+                    timing["decode"] += now - t0
                     if not _put(frames_in, item, stop):
                         return
                     t0 = time.perf_counter()
@@ -191,13 +206,13 @@ def _run_single(
                         finished = True
                         break
                     if pending and item[1] != pending[0][1]:  # a batch holds one pixel layout
-                        _score_batch(pending, to_device, scorer, scored, stop, timing, errors)
+                        _score_batch(pending, to_device, scorer, after, scored, stop, timing, errors)
                         pending = []
                     pending.append(item)
                 if errors:
                     raise errors[0]
                 if pending:
-                    _score_batch(pending, to_device, scorer, scored, stop, timing, errors)
+                    _score_batch(pending, to_device, scorer, after, scored, stop, timing, errors)
             _put(scored, _DONE, stop)
             threads[1].join()
             if errors:
@@ -311,14 +326,32 @@ class _Uploader:
         return list(colour.rgb_to_yuv420(colour.to_floats(rgb), self.matrix, size).cpu().numpy())
 
 
-def _score_batch(pending: list, uploader: _Uploader, scorer: Scorer, scored: queue.Queue,
+class _Finisher:
+    """After the model: the temporal stage (if on), then only the frames of the range go on to the encoder."""
+
+    def __init__(self, blender, first_pts: int) -> None:
+        self.blender, self.first_pts = blender, first_pts
+
+    def __call__(self, pts: list[int], source: torch.Tensor, scored: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        if self.blender is not None:
+            blended = [self.blender.blend(a, b) for a, b in zip(source.cpu().numpy(), scored.cpu().numpy(),
+                                                                 strict=True)]
+            scored = torch.from_numpy(np.stack(blended)).to(scored.device)
+        keep = [i for i, p in enumerate(pts) if p >= self.first_pts]
+        if len(keep) < len(pts):
+            scored = scored[keep]
+        return [pts[i] for i in keep], scored
+
+
+def _score_batch(pending: list, uploader: _Uploader, scorer: Scorer, after: _Finisher, scored: queue.Queue,
                  stop: threading.Event, timing: dict, errors: list) -> None:
     t0 = time.perf_counter()
     with torch.inference_mode():
         rgb = uploader.to_rgb(pending[0][1], [item[2] for item in pending], pending[0][3])
-        planes = uploader.to_frames(scorer.score(rgb))
+        pts, frames = after([item[0] for item in pending], rgb, scorer.score(rgb))
+        planes = uploader.to_frames(frames) if pts else []
     timing["score"] += time.perf_counter() - t0
-    if not _put(scored, ([item[0] for item in pending], planes), stop):
+    if pts and not _put(scored, (pts, planes), stop):
         raise errors[0]
 
 

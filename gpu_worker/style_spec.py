@@ -1,9 +1,10 @@
 """The style spec: one parser for the CLI, the HTTP API and blob metadata.
 
 A spec is a built-in style (`7`), a blend of built-ins (`3:0.5,12:0.5`), or a style image (a local path
-or an http(s) URL) for any painting; plus `strength` (0–1 mix with the original frame) and
-`preserve_color` (keep the original colours, take the stylized luminance). Pure Python: the Function
-App imports it without torch.
+or an http(s) URL) for any painting; plus `strength` (0–1 mix with the original frame),
+`preserve_color` (keep the original colours, take the stylized luminance) and `temporal` (0–1: how much
+of the previous output, carried along the motion, steadies each frame; 0 is off). Pure Python: the
+Function App imports it without torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from gpu_worker.errors import InputError
 
 NUM_STYLES = 26
+# The default of `temporal`: the value that met both targets of benchmarks/temporal.py on every clip
+# (E_warp at most half the per-frame output's, ghosting at most half the peer's; README, "Steady video").
+DEFAULT_TEMPORAL = 0.9
+MAX_TEMPORAL = 0.95  # at 1 the first frame's strokes would never change
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _BLEND_PART = re.compile(r"^\s*(\d+)\s*(?::\s*([^,]*?)\s*)?$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -33,6 +38,7 @@ class StyleSpec:
     image: str | None = None
     strength: float = 1.0
     preserve_color: bool = False
+    temporal: float = DEFAULT_TEMPORAL
 
     @property
     def is_builtin(self) -> bool:
@@ -49,12 +55,14 @@ class StyleSpec:
         return ",".join(f"{i}:{w:.6g}" for i, w in parts)
 
 
-def parse_style(spec: object, strength: object = 1.0, preserve_color: object = False) -> StyleSpec:
+def parse_style(spec: object, strength: object = 1.0, preserve_color: object = False,
+                temporal: object = DEFAULT_TEMPORAL) -> StyleSpec:
     """Parse a style spec and its options; raises :class:`InputError` naming the bad part."""
     return StyleSpec(
         **_parse_spec(spec),
         strength=parse_strength(strength),
         preserve_color=parse_flag(preserve_color, "preserve_color"),
+        temporal=parse_temporal(temporal),
     )
 
 
@@ -102,6 +110,14 @@ def parse_strength(value: object) -> float:
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"strength must be between 0 and 1, got {value}", field="strength")
     return strength
+
+
+def parse_temporal(value: object) -> float:
+    """0 (each frame on its own) to MAX_TEMPORAL (the steadiest)."""
+    temporal = _number(value, "temporal", "temporal")
+    if not 0.0 <= temporal <= MAX_TEMPORAL:
+        raise InputError(f"temporal must be between 0 (off) and {MAX_TEMPORAL}, got {value}", field="temporal")
+    return temporal
 
 
 def parse_flag(value: object, name: str) -> bool:

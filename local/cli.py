@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 (written only when complete)")
     r.add_argument("--strength", type=float, default=1.0, help="0 (original) to 1 (fully stylized)")
     r.add_argument("--preserve-color", action="store_true", help="keep the video's own colours")
+    r.add_argument("--temporal", default=None,
+                   help="0 (off) to 0.95: how much each frame is steadied by the previous one (default 0.9)")
     r.add_argument("--max-size", type=int, default=0, help="longer side in pixels (default: full resolution)")
     r.add_argument("--segment-seconds", type=float, default=None, help="seconds of video per worker task")
     r.add_argument("--workers", type=int, default=1, help="worker processes at a time (default 1)")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--account", required=True, help="data storage account name")
     su.add_argument("--strength", default=None)
     su.add_argument("--preserve-color", action="store_true")
+    su.add_argument("--temporal", default=None)
     su.add_argument("--name", default=None, help="blob name (default: the file name)")
 
     ss = sub.add_parser("status", help="follow a job through a deployment's status endpoint")
@@ -130,6 +133,8 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
         style = Path(style).name
     body = {"input": args.video.name, "style": style, "strength": args.strength,
             "preserve_color": args.preserve_color, "max_size": args.max_size}
+    if args.temporal is not None:
+        body["temporal"] = args.temporal
     if args.segment_seconds:
         body["segment_seconds"] = args.segment_seconds
 

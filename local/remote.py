@@ -33,11 +33,14 @@ def submit(args: argparse.Namespace) -> int:
 
     if not args.video.is_file():
         raise InputError(f"no such file: {args.video}")
-    spec = parse_style(args.style, args.strength if args.strength is not None else 1.0, args.preserve_color)
+    spec = parse_style(args.style, args.strength if args.strength is not None else 1.0, args.preserve_color,
+                       *([] if args.temporal is None else [args.temporal]))
     name = check_blob_name(args.name or args.video.name)
     metadata = {"style": args.style, "preserve_color": str(spec.preserve_color).lower()}
     if args.strength is not None:
         metadata["strength"] = str(spec.strength)
+    if args.temporal is not None:
+        metadata["temporal"] = str(spec.temporal)
     blob = BlobClient(f"https://{args.account}.blob.core.windows.net", "input", name,
                       credential=DefaultAzureCredential())
     with open(args.video, "rb") as data:

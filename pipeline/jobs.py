@@ -99,7 +99,7 @@ def _style_image(job: JobSpec) -> str | None:
 def _worker_style_args(job: JobSpec, svc: Services) -> list[str]:
     image = _style_image(job)
     style = job.style if image is None else svc.storage.reader_url(svc.settings.styles_container, image)
-    args = ["--style", style, "--strength", str(job.strength)]
+    args = ["--style", style, "--strength", str(job.strength), "--temporal", str(job.temporal)]
     if job.preserve_color:
         args.append("--preserve-color")
     if job.max_size:
@@ -182,6 +182,7 @@ def finalize(job: JobSpec, svc: Services, summary: dict) -> dict:
         "input": f"{job.input_container}/{job.input_name}",
         "output": f"{s.output_container}/{job.output_name}",
         "style": job.style, "strength": job.strength, "preserve_color": job.preserve_color,
+        "temporal": job.temporal,
         "max_size": job.max_size, "segment_seconds": job.segment_seconds,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **summary,

@@ -28,6 +28,7 @@ class JobSpec:
     style: str
     strength: float
     preserve_color: bool
+    temporal: float
     max_size: int
     segment_seconds: float
     output_name: str
@@ -77,6 +78,7 @@ def job_spec(
         options.get("style", settings.default_style),
         options.get("strength", settings.default_strength),
         parse_flag(options.get("preserve_color", False), "preserve_color"),
+        options.get("temporal", settings.default_temporal),
     )
     if spec.image is not None:
         if spec.image.startswith(("http://", "https://")):
@@ -97,7 +99,8 @@ def job_spec(
     stem = str(PurePosixPath(output).with_suffix(""))
     return JobSpec(
         job_id=job_id, input_container=container, input_name=name, style=spec.describe(),
-        strength=parse_strength(spec.strength), preserve_color=spec.preserve_color, max_size=max_size,
+        strength=parse_strength(spec.strength), preserve_color=spec.preserve_color, temporal=spec.temporal,
+        max_size=max_size,
         segment_seconds=segment_seconds, output_name=output, manifest_name=f"{stem}.json",
     )
 

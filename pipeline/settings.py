@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gpu_worker.style_spec import DEFAULT_TEMPORAL
+
 # Segment length weighs what the reference architecture weighs. Each task pays a fixed start-up (container
 # start, model load, decoder seek: ~5–15 s on a GPU node), and a failure reruns one whole segment. At about
 # 300 fps on an H100, 30 s of 30 fps video is ~3 s of scoring: long enough that start-up stays a minority,
@@ -50,6 +52,7 @@ class Settings:
     max_frame_side: int = 7680  # 8K UHD; the worker itself refuses anything over 8192
     default_style: str = "0"
     default_strength: float = 1.0
+    default_temporal: float = DEFAULT_TEMPORAL
     default_max_size: int = 0  # 0 keeps the source's resolution
 
     @classmethod
@@ -91,5 +94,6 @@ class Settings:
             max_frame_side=get("MAX_FRAME_SIDE", base.max_frame_side, int),
             default_style=get("DEFAULT_STYLE", base.default_style),
             default_strength=get("DEFAULT_STRENGTH", base.default_strength, float),
+            default_temporal=get("DEFAULT_TEMPORAL", base.default_temporal, float),
             default_max_size=get("DEFAULT_MAX_SIZE", base.default_max_size, int),
         )

