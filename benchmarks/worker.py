@@ -71,7 +71,8 @@ def measure_cli(clip: Path, style: str, device: str, preset: str, processes: int
     """`python -m gpu_worker stylize` as a compute task runs it: start-up, model load and compile included."""
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(workdir / "cli.mp4"), "-s",
-                          style, "--device", device, "--preset", preset, "--pipelines", str(processes), "--json"],
+                          style, "--device", device, "--preset", preset, "--pipelines", str(processes),
+                          "--temporal", "0", "--json"],  # the engine alone: benchmarks/temporal.py prices that stage
                          capture_output=True, text=True, check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     wall = time.perf_counter() - started
