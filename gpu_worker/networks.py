@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker import colour
+
 NUM_STYLES = 26
 STYLE_VECTOR_SIZE = 100
 # Both transformers downsample twice by 2, so they work on sides that are a
@@ -335,9 +337,8 @@ class FrameStylizer(nn.Module):
         self.net = net
 
     def forward(self, frames: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.net.parameters()).dtype
-        y = self.net(frames.permute(0, 3, 1, 2).to(dtype) / 255, condition)
-        return (y.float() * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        y = self.net(colour.to_floats(frames, next(self.net.parameters()).dtype), condition)
+        return colour.to_bytes(y)
 
 
 def apply_options(stylized: torch.Tensor, original: torch.Tensor, strength: float,
@@ -346,12 +347,12 @@ def apply_options(stylized: torch.Tensor, original: torch.Tensor, strength: floa
     luminance, ``strength`` (0..1) mixes with the original. Only jobs that ask pay for it."""
     if strength >= 1.0 and not preserve_color:
         return stylized
-    y, x = stylized.permute(0, 3, 1, 2).float() / 255, original.permute(0, 3, 1, 2).float() / 255
+    y, x = colour.to_floats(stylized), colour.to_floats(original)
     if preserve_color:
         y = keep_colour(y, x)
     if strength < 1.0:
         y = torch.lerp(x, y, strength)
-    return (y * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return colour.to_bytes(y)
 
 
 # --------------------------------------------------------------------------

@@ -49,9 +49,6 @@ class TemporalBlender:
         self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (small grey source, output)
         self.cuts = 0  # scene cuts seen (the state was reset)
 
-    def reset(self) -> None:
-        self._previous = None
-
     def blend(self, source: np.ndarray, stylized: np.ndarray) -> np.ndarray:
         grey = _small_grey(source)
         if self._previous is None or self._previous[0].shape != grey.shape:
