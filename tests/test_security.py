@@ -350,7 +350,7 @@ def test_stylize_status_never_shows_or_forwards_the_function_key(tmp_path: Path)
         if env_key:
             env["STYLIZE_FUNCTION_KEY"] = key
         else:
-            args += ["--key", key]
+            args.append(f"--key={key}")  # one argument: a token that starts with "-" would read as an option
         return subprocess.run([sys.executable, "-m", "local.cli", *args], capture_output=True, text=True,
                               timeout=60, cwd=tmp_path, env=env)
 
