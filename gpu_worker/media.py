@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import av
@@ -42,7 +44,76 @@ def is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
 
 
-def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> av.container.InputContainer:
+class SourceClosedError(Exception):
+    """A read was asked of a :class:`Source` after it was closed.
+
+    Not a RuntimeError: :func:`_seek_before` takes those for PyAV's end of a generator after a seek."""
+
+
+class Source:
+    """An open input container that is never closed under a thread that is reading it.
+
+    A decoder thread can sit inside ffmpeg for up to the read timeout while a network source stalls, and
+    ffmpeg cannot be told to stop that read from another thread. Closing the container then frees what the
+    read is using, and the thread crashes the process when the read returns (the same class of crash as
+    closing the muxer under the encoder thread). So a close that finds a read in progress returns at once
+    and leaves the close to the reader, which does it on its way out of ffmpeg; reads started after the
+    close raise :class:`SourceClosedError`. Everything else is the PyAV container's own API.
+    """
+
+    def __init__(self, container: av.container.InputContainer) -> None:
+        self.container = container
+        self._lock = threading.Lock()
+        self._reads = 0
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "container":  # not set yet (half-built or being copied): no recursion
+            raise AttributeError(name)
+        return getattr(self.container, name)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around every call into ffmpeg that a thread other than the closing one makes."""
+        with self._lock:
+            if self._closing:
+                raise SourceClosedError("the source was closed")
+            self._reads += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reads -= 1
+                last_out = self._closing and self._reads == 0
+            if last_out:
+                self.container.close()
+
+    def read(self, items: Iterator) -> Iterator:
+        """``items`` (a PyAV demux or decode generator), each step taken under :meth:`reading` and none
+        while the caller holds a yielded item, so a reader that stops iterating never blocks a close."""
+        done = object()
+        while True:
+            with self.reading():
+                item = next(items, done)
+            if item is done:
+                return
+            yield item
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            busy = self._reads > 0
+        if not busy:
+            self.container.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> Source:
     """Open a local path or http(s) URL for reading, with protocol and demuxer whitelists.
 
     Raises :class:`InputError` with a one-line reason for anything that is not a readable video.
@@ -84,7 +155,7 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> a
         container.close()
         raise InputError(f"{name} has no video stream")
     container.streams.video[0].thread_type = "AUTO"  # frame threads: decode keeps pace with the GPU
-    return container
+    return Source(container)
 
 
 @dataclass(frozen=True)
@@ -136,10 +207,10 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
         )
 
 
-def first_frame(container: av.container.InputContainer, stream: av.VideoStream, name: str) -> av.VideoFrame:
+def first_frame(container: Source, stream: av.VideoStream, name: str) -> av.VideoFrame:
     """Decode the first frame, turning every decoder failure into an :class:`InputError`."""
     try:
-        for frame in container.decode(stream):
+        for frame in container.read(container.decode(stream)):
             check_size(frame.width, frame.height, name)
             return frame
     except av.error.FFmpegError as exc:
@@ -175,14 +246,15 @@ def range_pts(start: Fraction, end: Fraction | None, time_base: Fraction) -> tup
 
 
 def decode_range(
-    container: av.container.InputContainer, stream: av.VideoStream, start: Fraction, end: Fraction | None,
+    container: Source, stream: av.VideoStream, start: Fraction, end: Fraction | None,
     preroll: int = 0,
 ) -> Iterator[av.VideoFrame]:
     """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start.
 
     With ``preroll``, up to that many frames before ``start`` come first (a stage that carries state from
     frame to frame warms up on them); the caller tells them apart by ``frame.pts < range_pts(...)[0]``.
-    They come only if the range itself has a frame.
+    They come only if the range itself has a frame. Safe to run on a thread while another closes
+    ``container`` (see :class:`Source`).
     """
     lo, hi = range_pts(start, end, stream.time_base)
     seek_to = lo
@@ -224,7 +296,7 @@ def _check_not_truncated(stream: av.VideoStream, decoded_to: int, hi: int | None
                          f"lasts {float(declared_end * stream.time_base):.2f} s: it is truncated or damaged")
 
 
-def _seek_before(container: av.container.InputContainer, stream: av.VideoStream, lo: int) -> Iterator[av.VideoFrame]:
+def _seek_before(container: Source, stream: av.VideoStream, lo: int) -> Iterator[av.VideoFrame]:
     """Frames from a keyframe at or before pts ``lo``.
 
     Some indexes point past the wanted keyframe, and some demuxers (MPEG-TS) cannot seek to their very
@@ -236,11 +308,12 @@ def _seek_before(container: av.container.InputContainer, stream: av.VideoStream,
     target = lo
     while True:
         at_start = target <= stream_start
-        if at_start:
-            container.seek(0, backward=True, any_frame=False)  # file start, in AV_TIME_BASE units
-        else:
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        frames = container.decode(stream)
+        with container.reading():
+            if at_start:
+                container.seek(0, backward=True, any_frame=False)  # file start, in AV_TIME_BASE units
+            else:
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+        frames = container.read(container.decode(stream))
         try:
             first = next(frames, None)
         except RuntimeError:  # PyAV's generator ends this way after a seek past the last packet

@@ -228,14 +228,15 @@ def _run_single(
             timing["encode"] += time.perf_counter() - t0
         except BaseException:
             stop.set()
-            for thread in threads:  # the encoder may be inside the muxer: closing it under its feet crashes
-                thread.join(timeout=10)
+            # The encoder may be inside the muxer: closing it under its feet crashes, so wait for it. The
+            # decoder may be stuck in a network read, and need not be waited for: media.Source closes itself
+            # when that read returns.
+            threads[1].join(timeout=10)
             writer.abort()
             raise
         finally:
             stop.set()
-            for thread in threads:
-                thread.join(timeout=10)
+            threads[1].join(timeout=10)
     seconds = time.perf_counter() - began
     tb = stream.time_base
     result = RangeResult(

@@ -1,19 +1,22 @@
 """Join scored segments into one MP4 by stream copy and put the source's audio back.
 
-Segments carry their source timestamps, so joining is a remux with no arithmetic on time: packets are
-copied as they are, merged with the source's audio packets in time order. Audio is copied when MP4 can
-carry it and re-encoded to AAC otherwise. The output is written atomically with the index up front
-(faststart) so it plays while downloading.
+Segments carry their source timestamps, so joining is a remux with no arithmetic on time (beyond decode
+times that a demuxer leaves out, filled in as a muxer would): packets are copied as they are, merged with
+the source's audio packets in time order. Audio is copied when MP4 can carry it and re-encoded to AAC
+otherwise; either way it keeps the source's timestamps, so its offset to the video is the source's. The
+output is written atomically with the index up front (faststart) so it plays while downloading.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -88,9 +91,7 @@ def _remux(inputs: list, audio_in, out, output: Path) -> StitchResult:
     def video_packets() -> Iterator[tuple[float, int, av.Packet]]:
         for container in inputs:
             stream = container.streams.video[0]
-            for packet in container.demux(stream):
-                if packet.dts is None and packet.pts is None:
-                    continue  # the demuxer's end-of-stream marker
+            for packet in _with_decode_times(container.demux(stream)):
                 # B-frame reordering delay can make the first dts of a segment collide with the last
                 # dts of the one before; nudge it forward (pts, and so display, is untouched).
                 if counts["last_dts"] is not None and packet.dts <= counts["last_dts"]:
@@ -108,12 +109,23 @@ def _remux(inputs: list, audio_in, out, output: Path) -> StitchResult:
             return
         if audio_mode == "copy":
             for packet in audio_in.container.demux(audio_in):
-                if packet.dts is not None:
-                    yield float(packet.dts * audio_in.time_base), 1, packet
+                if packet.pts is None and packet.dts is None:
+                    continue  # the demuxer's end-of-stream marker
+                if packet.dts is None:
+                    packet.dts = packet.pts  # audio is never reordered: it decodes when it plays
+                yield float(packet.dts * audio_in.time_base), 1, packet
             return
-        for frame in [*audio_in.container.decode(audio_in), None]:
+        # Samples are numbered continuously (the encoder needs gapless input) from the source's first audio
+        # timestamp, not from 0: the video keeps its source timestamps, so starting the audio anywhere else
+        # would shift it against the picture by the source's start time (~1.4 s in a typical MPEG-TS).
+        tick = Fraction(1, audio_out.codec_context.sample_rate)
+        next_pts = None
+        for frame in itertools.chain(audio_in.container.decode(audio_in), [None]):
+            if next_pts is None and frame is not None:
+                next_pts = round(frame.pts * frame.time_base / tick) if frame.pts is not None else 0
             for chunk in resampler.resample(frame):
-                chunk.pts = None  # let the encoder number samples continuously from the first one
+                chunk.pts, chunk.time_base = next_pts or 0, tick
+                next_pts = chunk.pts + chunk.samples
                 yield from _timed(audio_out.encode(chunk))
         yield from _timed(audio_out.encode(None))
 
@@ -127,6 +139,49 @@ def _remux(inputs: list, audio_in, out, output: Path) -> StitchResult:
                         duration_seconds=round(counts["end"], 6), audio=audio_mode)
 
 
-def _timed(packets) -> Iterator[tuple[float, int, av.Packet]]:
+def _timed(packets: Iterable[av.Packet]) -> Iterator[tuple[float, int, av.Packet]]:
     for packet in packets:
-        yield float((packet.dts or 0) * packet.time_base), 1, packet
+        if packet.dts is None:
+            packet.dts = packet.pts  # audio: decode order is presentation order
+        yield float(packet.dts * packet.time_base), 1, packet
+
+
+def _with_decode_times(packets: Iterable[av.Packet]) -> Iterator[av.Packet]:
+    """``packets`` in decode order, each with a dts, without the demuxer's end-of-stream markers.
+
+    MP4 stores a decode time for every sample, but Matroska and NUT store only presentation times and the
+    demuxer derives decode times from them once it knows the B-frame reordering delay, so the first packets
+    of a stream with B-frames come with a pts and no dts. Those take the decode times just before the first
+    known one, a packet duration apart (what ffmpeg's own remux gives them): increasing, and before every pts.
+    Packets that never reach a known dts (a stream shorter than that delay, or one with no decode times at
+    all) get their sorted presentation times, lagged by the fewest packets that keeps each dts at or before
+    its pts: the reordering delay, measured.
+    """
+    pending: list[av.Packet] = []
+    for packet in packets:
+        if packet.dts is None and packet.pts is None:
+            continue  # the demuxer's end-of-stream marker
+        if packet.dts is None:
+            pending.append(packet)
+            continue
+        dts = packet.dts
+        for early in reversed(pending):
+            dts -= max(1, early.duration or packet.duration or 1)
+            early.dts = dts
+        yield from pending
+        pending.clear()
+        yield packet
+    if pending:
+        _decode_times_from_pts(pending)
+        yield from pending
+
+
+def _decode_times_from_pts(packets: list[av.Packet]) -> None:
+    order = sorted(p.pts for p in packets)
+    step = max(1, min((p.duration for p in packets if p.duration), default=1))
+    for shift in range(len(packets) + 1):
+        dts = [order[i - shift] if i >= shift else order[0] - (shift - i) * step for i in range(len(packets))]
+        if all(d <= p.pts for d, p in zip(dts, packets, strict=True)):
+            break  # shift == len(packets) always gets here: every dts then lies before the earliest pts
+    for packet, value in zip(packets, dts, strict=True):
+        packet.dts = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import subprocess
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -59,6 +60,42 @@ def make_clip_with_audio(tmp: Path, audio_codec: str, suffix: str, seconds: floa
              "sine=frequency=440:sample_rate=48000", "-t", str(seconds), "-c:v", "libx264", "-pix_fmt",
              "yuv420p", "-c:a", audio_codec, "-shortest", str(out)])
     return out
+
+
+def make_clip_with_click(tmp: Path, audio_codec: str, suffix: str, audio_delay: float = 0.0,
+                         click_at: float = 1.0, seconds: float = 2.5) -> Path:
+    """Video with an audio track that is silent but for a 1 kHz burst ``click_at`` seconds into the audio;
+    ``audio_delay`` starts the audio track that much after the video (a timestamp offset, not silence), and
+    the container (from ``suffix``) adds its own start time (MPEG-TS: about 1.4 s)."""
+    out = tmp / f"click_{audio_codec}{suffix}"
+    burst = f"aevalsrc=if(between(t\\,{click_at}\\,{click_at + 0.05})\\,0.8*sin(2*PI*1000*t)\\,0):s=48000"
+    _ffmpeg(["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-itsoffset", str(audio_delay), "-f", "lavfi",
+             "-i", burst, "-t", str(seconds), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", audio_codec, str(out)])
+    return out
+
+
+def first_frame_time(path: Path, kind: str) -> Fraction:
+    """When the first decoded ``kind`` ("video" or "audio") frame is presented, as a player places it."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0] if kind == "video" else container.streams.audio[0]
+        frame = next(container.decode(stream))
+        return Fraction(frame.pts) * stream.time_base
+
+
+def click_time(path: Path, threshold: float = 0.1) -> Fraction:
+    """When the first audio sample louder than ``threshold`` (full scale 1) is presented."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        for frame in container.decode(stream):
+            samples = frame.to_ndarray()
+            if not frame.format.is_planar:  # interleaved: one row, channels side by side
+                samples = samples.reshape(-1, len(frame.layout.channels)).T
+            if samples.dtype.kind == "i":
+                samples = samples / float(np.iinfo(samples.dtype).max)
+            loud = np.nonzero(np.abs(samples).max(axis=0) > threshold)[0]
+            if len(loud):
+                return Fraction(frame.pts) * stream.time_base + Fraction(int(loud[0]), frame.sample_rate)
+    raise AssertionError(f"no sound above {threshold} in {path.name}")
 
 
 def _ffmpeg(args: list[str]) -> None:
@@ -140,6 +177,15 @@ class RangeFileServer:
                 self.send_header("Content-Length", str(end - start + 1))
                 self.end_headers()
                 try:
+                    stall = server.stall_at
+                    if stall is not None and start <= stall <= end:
+                        # a network that stops: what comes before the offset, then nothing until released
+                        self.wfile.write(data[start:stall])
+                        self.wfile.flush()
+                        server.bytes_sent += stall - start
+                        server.stalled.set()
+                        server.release.wait(60)
+                        start = stall
                     self.wfile.write(data[start:end + 1])
                     server.bytes_sent += end - start + 1
                 except (BrokenPipeError, ConnectionResetError):
@@ -149,10 +195,15 @@ class RangeFileServer:
         # Answer open-ended ranges with at most this much (HTTP allows a shorter range), so that what is
         # counted is what the client asked for rather than what fitted in socket buffers.
         self.max_response = 32 * 1024
+        # Set stall_at to a byte offset to make every response that reaches it stop there until release is
+        # set; stalled is set when one does.
+        self.stall_at: int | None = None
+        self.stalled, self.release = threading.Event(), threading.Event()
         self._server = loopback.Server(Handler, "range-file-server")
         self.url = self._server.url
 
     def close(self) -> None:
+        self.release.set()
         self._server.close()
 
 
