@@ -22,11 +22,13 @@ from orchestrators.stylize_video import bp as orchestrators
 from pipeline import jobs, telemetry
 from pipeline.jobspec import JobSpec, instance_id, job_spec, orchestration_input, rejected_input
 from pipeline.runtime import services
+from pipeline.settings import Settings
 
 app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(orchestrators)
 app.register_functions(activities)
 log = logging.getLogger("stylize.app")
+Settings.from_env()  # a bad app setting stops the app here, at start-up, with its name, value and allowed range
 telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it, nothing starts
 
 ORCHESTRATION = "stylize_video"
@@ -104,10 +106,16 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
 @app.route(route="jobs/{job_id}", methods=["GET"])
 @app.durable_client_input(client_name="starter")
 async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
-    status = await starter.get_status(req.route_params["job_id"])
+    status = await starter.get_status(req.route_params["job_id"], show_input=True)
     if not status or not status.runtime_status:
         return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
-    return _json(200, _view(status))
+    view = _view(status)
+    job = _job_of(status)
+    if job is not None and status.runtime_status.name not in ACTIVE:
+        record = await asyncio.to_thread(jobs.end_record, job, services())
+        if record and record.get("cleanup", "done") != "done":  # e.g. a Batch job still terminating
+            view["cleanup"] = record["cleanup"]
+    return _json(200, view)
 
 
 @app.route(route="jobs", methods=["GET"])
@@ -123,19 +131,38 @@ async def list_jobs(req: func.HttpRequest, starter: df.DurableOrchestrationClien
 @app.route(route="jobs/{job_id}/cancel", methods=["POST"])
 @app.durable_client_input(client_name="starter")
 async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    """Stop the job: terminate its orchestration, then end its run (tasks stopped, work files removed) now,
+    rather than when the orchestration next wakes. Again on an ended job whose cleanup was left incomplete,
+    it finishes that cleanup."""
     job_id = req.route_params["job_id"]
-    status = await starter.get_status(job_id)
+    status = await starter.get_status(job_id, show_input=True)
     if not status or not status.runtime_status:
         return _error(404, f"no job {job_id!r}", "job_id")
-    runtime = status.runtime_status.name
+    runtime, job, svc = status.runtime_status.name, _job_of(status), services()
     if runtime not in ACTIVE:
-        return _error(409, f"job {job_id} is already {runtime}", "job_id")
-    await starter.terminate(job_id, "canceled by request")
-    telemetry.job_canceled(job_id)
-    job = (status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")).get("job")
-    if job:  # stop its compute tasks and remove its work files now; the orchestration runs no more steps
-        await asyncio.to_thread(jobs.cleanup, JobSpec.from_dict(job), services())
-    return _json(202, {"id": job_id, "runtime_status": "Terminated", "stage": "canceled"})
+        record = job and await asyncio.to_thread(jobs.end_record, job, svc)
+        if not record or record.get("cleanup", "done") == "done":
+            return _error(409, f"job {job_id} is already {runtime}", "job_id")
+        reason = record.get("reason", "ended")
+    else:
+        await starter.terminate(job_id, "canceled by request")
+        telemetry.job_canceled(job_id)
+        reason = "canceled"
+    body = {"id": job_id, "stage": "canceled" if reason == "canceled" else runtime.lower(), "cleanup": "done"}
+    if job is not None:
+        try:
+            await asyncio.to_thread(jobs.cleanup, job, svc, reason)
+        except Exception as exc:  # recorded in the job's end record: GET shows it, another cancel retries
+            log.warning("job %s: cleanup incomplete: %s", job_id, exc)
+            body["cleanup"] = f"incomplete: {type(exc).__name__}: {exc}"
+    return _json(202, body)
+
+
+def _job_of(status: df.DurableOrchestrationStatus) -> JobSpec | None:
+    """The job an orchestration runs (None for a rejected upload, which has no work to stop)."""
+    args = status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")
+    job = (args or {}).get("job")
+    return JobSpec.from_dict(job) if job else None
 
 
 async def _exists(starter: df.DurableOrchestrationClient, job_id: str, restartable: bool = False) -> bool:

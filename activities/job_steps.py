@@ -63,8 +63,8 @@ def finalize_job(request: dict) -> dict:
         return {"input_error": str(exc)}
 
 
-@bp.activity_trigger(input_name="job")
-def cleanup_job(job: dict) -> int:
-    spec = JobSpec.from_dict(job)
+@bp.activity_trigger(input_name="request")
+def cleanup_job(request: dict) -> int:
+    spec = JobSpec.from_dict(request["job"])
     with telemetry.activity(spec.job_id, "cleanup_job", "cleanup"):
-        return jobs.cleanup(spec, services())
+        return jobs.cleanup(spec, services(), request["reason"])

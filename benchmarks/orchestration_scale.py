@@ -58,7 +58,7 @@ class TenthPerPollCompute:
 
 def run(segments: int, root: Path) -> dict:
     settings = Settings(storage="local", storage_root=root, poll_seconds=0.01, segment_seconds=30.0,
-                        max_segments=10_000, max_duration_seconds=1e9)
+                        max_segments=10_000, max_duration_seconds=7 * 24 * 3600.0)
     storage = LocalStorage(root)
     runtime._services = jobs.Services(settings, storage, TenthPerPollCompute())
     jobs.probe = lambda source: VideoInfo(1920, 1080, 1920, 1080, 0, "1:1", "1/12800", 0.0, segments * 30.0,

@@ -123,7 +123,8 @@ resource logsContainer 'Microsoft.Storage/storageAccounts/blobServices/container
 }
 
 // Segments in work/ are scratch: a finished job deletes them, this rule catches the ones left behind.
-// Task logs in logs/ are kept on purpose (cleanup leaves them for diagnosis), for 30 days.
+// Task logs in logs/ are kept on purpose (cleanup leaves them for diagnosis), for 30 days, and so are the runs'
+// end records (logs/ended/): a step of an ended run that arrives within them is refused.
 resource dataLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: dataAccount
   name: 'default'

@@ -120,7 +120,7 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
     settings = replace(Settings.from_env(), storage="local", storage_root=work, compute="local",
                        local_workers=max(1, args.workers), poll_seconds=0.5,
                        **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
-    svc = runtime.configure(settings)
+    runtime.configure(settings)
     # The video and a style image are linked into the local "containers", never copied.
     _link(args.video, work / settings.input_container / args.video.name)
     style = args.style
@@ -152,9 +152,9 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
         job_id = reply["id"]
         try:
             status = _follow(host, job_id)
-        except KeyboardInterrupt:
-            host.terminate(job_id, "interrupted")
-            svc.compute.delete(job_id)
+        except KeyboardInterrupt:  # the same cancel as the API's: the orchestration stops, its run ends
+            host.invoke_function("cancel_job", req=func.HttpRequest(
+                "POST", f"http://localhost:7071/api/jobs/{job_id}/cancel", body=b"", route_params={"job_id": job_id}))
             raise
     if status["runtimeStatus"] != "Completed":
         error = (status.get("customStatus") or {}).get("error")
@@ -178,40 +178,17 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
 
 
 def _follow(host, job_id: str) -> dict:
-    """Wait for the job, showing its progress on stderr (the --json summary goes to stdout): a line redrawn
-    in place on a terminal, else one line per stage, so logs and `make demo` show it too."""
-    last_line, last_stage, redraw = "", "", sys.stderr.isatty()
+    """Wait for the job, showing its progress on stderr (the --json summary goes to stdout)."""
+    from local.progress_view import ProgressView
+
+    view = ProgressView()
     while True:
         status = host.status(job_id) or {}
         if status.get("runtimeStatus") in ("Completed", "Failed", "Terminated"):
-            if last_line and redraw:
-                print(file=sys.stderr)
+            view.close()
             return status
-        custom = status.get("customStatus") or {}
-        line = progress_line(custom)
-        if redraw and line != last_line:
-            print(f"\r{line:<78}", end="", file=sys.stderr, flush=True)
-        elif not redraw and custom.get("stage", "queued") != last_stage:
-            print(line, file=sys.stderr, flush=True)
-            last_stage = custom.get("stage", "queued")
-        last_line = line
+        view.show(status.get("customStatus") or {})
         time.sleep(0.25)
-
-
-def progress_line(custom: dict) -> str:
-    stage = custom.get("stage", "queued")
-    frames = custom.get("frames") or {}
-    done, total = frames.get("done", 0), frames.get("total")
-    if not total:
-        return f"{stage}…"
-    width = 24
-    filled = round(width * min(1.0, done / total))
-    line = f"{stage:<9} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames"
-    if custom.get("fps"):
-        line += f"  {custom['fps']:.1f} fps"
-    if custom.get("eta_seconds") is not None:
-        line += f"  ETA {custom['eta_seconds']} s"
-    return line
 
 
 def _link(source: Path, target: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -51,8 +50,9 @@ def submit(args: argparse.Namespace) -> int:
 
 def follow(args: argparse.Namespace) -> int:
     """Poll GET /api/jobs/{id} until the job ends, with a progress line; exit 0 only if it completed."""
-    from local.cli import progress_line
+    from local.progress_view import ProgressView
 
+    view = ProgressView()
     url = f"{args.app.rstrip('/')}/api/jobs/{args.job_id}"
     parts = urllib.parse.urlsplit(url)
     if args.key and parts.scheme != "https" and parts.hostname not in LOOPBACK:
@@ -70,7 +70,8 @@ def follow(args: argparse.Namespace) -> int:
             raise InputError(f"status endpoint answered {exc.code}: {detail[:200]}") from None
         runtime = status.get("runtime_status")
         if args.once or runtime in TERMINAL:
+            view.close()
             print(json.dumps(status, indent=1))
             return 0 if runtime == "Completed" or args.once else 1
-        print(f"\r{progress_line(status):<78}", end="", file=sys.stderr, flush=True)
+        view.show(status)
         time.sleep(args.interval)

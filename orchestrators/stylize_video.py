@@ -121,7 +121,10 @@ def stylize_video(context: df.DurableOrchestrationContext):
                    "seconds": round(elapsed, 1), "audio": (stitch.get("summary") or {}).get("audio"),
                    "retries": sum(attempts.values()) + state["stitch_attempt"]}
         _unless_bad_input((yield call("finalize_job", {"job": job, "summary": summary})))
-        yield call("cleanup_job", job)
+        try:  # published: the job has succeeded, whatever happens to its scratch files now
+            yield call("cleanup_job", {"job": job, "reason": "completed"})
+        except Exception:
+            info("cleanup after success failed; its end record says what is left")
         report("completed", {"succeeded": total, "frames_done": state["frames"]})
         info("completed: %d frames in %.0f s", summary["frames"], elapsed)
         telemetry.job_completed(context, summary, state)
@@ -132,7 +135,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
         info("failed: %s", error["message"])
         telemetry.job_failed(context, error, state)
         try:
-            yield call("cleanup_job", job)
+            yield call("cleanup_job", {"job": job, "reason": "failed"})
         except Exception:  # the job's own failure is the one to report
             info("cleanup after failure failed too")
         raise (InputError if error["kind"] == "input" else JobFailed)(error["message"]) from None

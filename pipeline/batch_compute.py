@@ -18,7 +18,9 @@ Same contract as :class:`pipeline.compute.LocalCompute` (see the ComputeBackend 
   when the counts show running or newly completed ones; a completed task's summary or error is read once
   from the logs container and remembered (completed tasks never change).
 - ``cancel`` terminates the Batch job (running tasks are killed, queued ones never start); ``delete``
-  terminates and deletes it.
+  terminates and deletes it, and raises :class:`JobNotDeleted` when Batch has not let it start deleting within
+  the wait, so that the cleanup is retried and the job's status says so. One Batch job per *run* (see
+  ``JobSpec.run_id``): a job restarted under the same id never waits for its old Batch job to go.
 
 Nothing here waits for nodes: tasks wait in the job's queue while the pool's autoscale formula adds nodes
 (10–30 minutes from zero for GPU sizes), and the per-task time limit (TASK_TIMEOUT_MINUTES) counts from
@@ -59,6 +61,10 @@ _STOPPED_JOB_CODES = {"JobCompleted", "JobBeingTerminated", "JobBeingDeleted", "
 
 class BatchSetupError(RuntimeError):
     """The Batch settings do not describe a usable account and pool."""
+
+
+class JobNotDeleted(RuntimeError):
+    """A Batch job could not be deleted within the wait (it is still terminating)."""
 
 
 def batch_job_id(instance_id: str) -> str:
@@ -254,10 +260,14 @@ class BatchCompute:
             except ResourceNotFoundError:
                 self._forget(job)
                 return
-            except ResourceExistsError as exc:  # 409: being deleted already, or still terminating
-                if _code(exc) == "JobBeingDeleted" or time.monotonic() > deadline:
+            except ResourceExistsError as exc:  # 409: being deleted already (Batch finishes that), or terminating
+                if _code(exc) == "JobBeingDeleted":
                     self._forget(job)
                     return
+                if time.monotonic() > deadline:  # the caller (an activity, the cancel request) tries again later
+                    raise JobNotDeleted(f"Batch job {job} was still terminating after {self.wait_seconds:.0f} s "
+                                        f"({_code(exc)}): its tasks are stopping, and it is deleted on the next "
+                                        "cleanup") from None
                 time.sleep(max(self.polling_interval, 0.05))
         poller.result(timeout=self.wait_seconds)
         self._forget(job)

@@ -65,27 +65,38 @@ class JobCanceled(RuntimeError):
     pass
 
 
+@dataclass
+class _LocalJob:
+    """One job's tasks in :class:`LocalCompute`, from its first submit until it is deleted."""
+
+    states: dict[str, TaskState] = field(default_factory=dict)
+    canceled: bool = False
+    version: int = 0  # count of its task changes
+    seen: int = 0  # the count its last poll answered
+    # Held while a finished task's output is uploaded: delete waits for it, so no upload lands after cleanup.
+    uploading: threading.Lock = field(default_factory=threading.Lock)
+
+
 class LocalCompute:
     """Worker processes on this machine, ``workers`` at a time, in submission order.
 
     :meth:`poll` waits up to ``poll_wait_seconds`` for one of the job's tasks to change state: the monitor
     then ticks when there is news rather than every ``POLL_SECONDS``, and replaying its history on every
     idle tick no longer takes CPU from the workers on the same machine (10% of a core at 0.5 s ticks).
+    Memory is per job and freed by :meth:`delete`; whether a job may run again is not this class's memory
+    but the end record in storage (pipeline.jobs), which outlives the process.
     """
 
     def __init__(self, storage: Storage, scratch: Path, workers: int = 1, timeout_seconds: float = 3600.0,
                  python: str = sys.executable, poll_wait_seconds: float = 5.0) -> None:
         self.storage = storage
         self.poll_wait_seconds = poll_wait_seconds
-        self._version: dict[str, int] = {}  # job → count of its task changes
-        self._seen: dict[str, int] = {}  # job → the count its last poll answered
         self.scratch = Path(scratch)
         self.timeout_seconds = timeout_seconds
         self.python = python
         self._lock = threading.Condition()
-        self._jobs: dict[str, dict[str, TaskState]] = {}
-        self._canceled: set[str] = set()
-        self._queue: deque[tuple[str, Task]] = deque()
+        self._jobs: dict[str, _LocalJob] = {}
+        self._queue: deque[tuple[_LocalJob, str, Task]] = deque()
         self._running: dict[tuple[str, str], subprocess.Popen] = {}
         self._closed = False
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"local-worker-{i}")
@@ -95,26 +106,28 @@ class LocalCompute:
 
     def submit(self, job_id: str, tasks: list[Task]) -> int:
         with self._lock:
-            if job_id in self._canceled:
+            job = self._jobs.setdefault(job_id, _LocalJob())
+            if job.canceled:
                 raise JobCanceled(f"job {job_id} was canceled")
-            states = self._jobs.setdefault(job_id, {})
-            new = [t for t in tasks if t.id not in states]
+            new = [t for t in tasks if t.id not in job.states]
             for task in new:
-                states[task.id] = TaskState(task.id, "pending")
-                self._queue.append((job_id, task))
-            self._changed(job_id)
+                job.states[task.id] = TaskState(task.id, "pending")
+                self._queue.append((job, job_id, task))
+            self._changed(job)
             return len(new)
 
     def poll(self, job_id: str) -> dict[str, TaskState]:
         with self._lock:
-            self._lock.wait_for(lambda: self._version.get(job_id, 0) != self._seen.get(job_id, 0) or self._closed,
-                                timeout=self.poll_wait_seconds)
-            self._seen[job_id] = self._version.get(job_id, 0)
-            return {k: TaskState(**asdict(v)) for k, v in self._jobs.get(job_id, {}).items()}
+            job = self._jobs.get(job_id)
+            if job is None:
+                return {}
+            self._lock.wait_for(lambda: job.version != job.seen or self._closed, timeout=self.poll_wait_seconds)
+            job.seen = job.version
+            return {k: TaskState(**asdict(v)) for k, v in job.states.items()}
 
-    def _changed(self, job_id: str) -> None:
-        """Wake pollers of ``job_id``; call with the lock held."""
-        self._version[job_id] = self._version.get(job_id, 0) + 1
+    def _changed(self, job: _LocalJob) -> None:
+        """Wake the job's pollers; call with the lock held."""
+        job.version += 1
         self._lock.notify_all()
 
     def running(self) -> list[tuple[str, str]]:
@@ -122,21 +135,30 @@ class LocalCompute:
         with self._lock:
             return list(self._running)
 
+    def jobs(self) -> list[str]:
+        """The jobs this backend still holds state for (until they are deleted)."""
+        with self._lock:
+            return list(self._jobs)
+
     def cancel(self, job_id: str) -> None:
         with self._lock:
-            self._canceled.add(job_id)
-            self._queue = deque(item for item in self._queue if item[0] != job_id)
-            procs = [p for (job, _), p in self._running.items() if job == job_id]
-            self._changed(job_id)
+            job = self._jobs.get(job_id)
+            if job is None:
+                return
+            job.canceled = True
+            self._queue = deque(item for item in self._queue if item[0] is not job)
+            procs = [p for (name, _), p in self._running.items() if name == job_id]
+            self._changed(job)
         for proc in procs:
             proc.kill()
 
     def delete(self, job_id: str) -> None:
         self.cancel(job_id)
         with self._lock:
-            self._jobs.pop(job_id, None)
-            self._version.pop(job_id, None)
-            self._seen.pop(job_id, None)
+            job = self._jobs.pop(job_id, None)
+        if job is not None:
+            with job.uploading:  # an upload that began before the cancel finishes first; later ones see it
+                pass
         shutil.rmtree(self.scratch / job_id, ignore_errors=True)
 
     def close(self) -> None:
@@ -155,28 +177,29 @@ class LocalCompute:
                     self._lock.wait()
                 if self._closed:
                     return
-                job_id, task = self._queue.popleft()
-                self._jobs[job_id][task.id].state = "running"
-                self._changed(job_id)
-            final = self._run(job_id, task)
+                job, job_id, task = self._queue.popleft()
+                job.states[task.id].state = "running"
+                self._changed(job)
+            final = self._run(job, job_id, task)
             with self._lock:
-                if job_id in self._jobs and job_id not in self._canceled:
-                    self._jobs[job_id][task.id] = final
-                    self._changed(job_id)
+                if not job.canceled:
+                    job.states[task.id] = final
+                    self._changed(job)
 
-    def _run(self, job_id: str, task: Task) -> TaskState:
+    def _run(self, job: _LocalJob, job_id: str, task: Task) -> TaskState:
         workdir = self.scratch / job_id / task.id
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
         env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1", "WORKER_PARENT_PID": str(os.getpid())}
+        canceled = TaskState(task.id, "failed", error="canceled")
         try:
             headers = self.storage.reader_headers()  # Blob Storage with an identity: workers read with its
             if headers:  # token, passed in the environment, never on the command line
                 env["WORKER_STORAGE_TOKEN"] = headers["Authorization"].removeprefix("Bearer ")
             with self._lock:
-                if job_id in self._canceled:
-                    return TaskState(task.id, "failed", error="canceled")
+                if job.canceled:
+                    return canceled
                 proc = subprocess.Popen([self.python, "-m", "gpu_worker", *task.args], cwd=workdir, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 self._running[(job_id, task.id)] = proc
@@ -191,12 +214,11 @@ class LocalCompute:
                     self._running.pop((job_id, task.id), None)
             if proc.returncode != 0:
                 return TaskState(task.id, "failed", exit_code=proc.returncode, error=_tail(stderr, proc.returncode))
-            summary = last_json_line(stdout)
-            with self._lock:  # a job canceled while its last task was finishing gets no output
-                if job_id in self._canceled:
-                    return TaskState(task.id, "failed", error="canceled")
-            self.storage.upload_file(workdir / OUTPUT_FILE, task.output_container, task.output_name)
-            return TaskState(task.id, "succeeded", exit_code=0, summary=summary)
+            with job.uploading:  # a job canceled while its last task was finishing gets no output
+                if job.canceled:
+                    return canceled
+                self.storage.upload_file(workdir / OUTPUT_FILE, task.output_container, task.output_name)
+            return TaskState(task.id, "succeeded", exit_code=0, summary=last_json_line(stdout))
         except Exception as exc:  # an upload or spawn failure fails the task, not the host
             return TaskState(task.id, "failed", exit_code=None, error=f"{type(exc).__name__}: {exc}")
         finally:

@@ -7,20 +7,27 @@ compute backend, so orchestration history only ever carries names and counts.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 from gpu_worker.errors import InputError
 from gpu_worker.media import probe
 from gpu_worker.style_spec import parse_style
 from pipeline import telemetry
-from pipeline.compute import ComputeBackend, Task
+from pipeline.compute import ComputeBackend, JobCanceled, Task
 from pipeline.jobspec import JobSpec
 from pipeline.plan import plan_segments
 from pipeline.settings import Settings
 from pipeline.storage import BlobInfo, Storage
 
 SUBMIT_CHUNK = 100  # tasks per submit activity: one Batch add-collection request
+T = TypeVar("T")
+
+
+class JobEnded(JobCanceled):
+    """The run has ended (completed, failed or canceled): it may not create tasks or files any more."""
 
 
 @dataclass(frozen=True)
@@ -32,21 +39,26 @@ class Services:
     compute: ComputeBackend
 
 
-def work_name(job_id: str, name: str) -> str:
-    return f"{job_id}/{name}"
+def work_name(run_id: str, name: str) -> str:
+    return f"{run_id}/{name}"
 
 
-def segment_name(job_id: str, index: int) -> str:
-    return work_name(job_id, f"segments/{index:05d}.mp4")
+def segment_name(run_id: str, index: int) -> str:
+    return work_name(run_id, f"segments/{index:05d}.mp4")
 
 
 def segment_task_id(index: int, attempt: int) -> str:
     return f"seg{index:05d}-a{attempt}"
 
 
-def stitched_name(job_id: str) -> str:
+def stitched_name(run_id: str) -> str:
     """The stitched video waits here until finalize publishes it: outputs appear whole, with their manifest."""
-    return work_name(job_id, "stitched.mp4")
+    return work_name(run_id, "stitched.mp4")
+
+
+def end_record_name(run_id: str) -> str:
+    """Where a run's end is recorded, in the logs container: kept (30 days in Azure) after its work files go."""
+    return f"ended/{run_id}.json"
 
 
 def stitch_task_id(attempt: int) -> str:
@@ -55,6 +67,10 @@ def stitch_task_id(attempt: int) -> str:
 
 def prepare(job: JobSpec, svc: Services) -> dict:
     """Check the input and style exist, probe the video, plan the segments and store the plan."""
+    return while_running(job, svc, lambda: _prepare(job, svc))
+
+
+def _prepare(job: JobSpec, svc: Services) -> dict:
     s = svc.settings
     source = check_sources(job, svc)
     if source.size == 0:  # a local file says so itself; a URL would only read as "not a video"
@@ -69,7 +85,7 @@ def prepare(job: JobSpec, svc: Services) -> dict:
                          "are accepted", field="input")
     segments = plan_segments(info.start_seconds, duration, job.segment_seconds, s.max_segments)
     frames = info.frames or (round(duration * info.frame_rate) if duration and info.frame_rate else None)
-    svc.storage.write_json(s.work_container, work_name(job.job_id, "plan.json"),
+    svc.storage.write_json(s.work_container, work_name(job.run_id, "plan.json"),
                            {"segments": segments, "video": info.to_dict(), "input_etag": source.etag})
     return {"segments": len(segments), "frames_total": frames, "duration_seconds": duration,
             "width": info.display_width, "height": info.display_height, "audio": info.audio_codec}
@@ -109,8 +125,12 @@ def _worker_style_args(job: JobSpec, svc: Services) -> list[str]:
 
 def submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]]) -> int:
     """Submit (segment index, attempt) pairs as worker tasks; returns how many tasks were new."""
+    return while_running(job, svc, lambda: _submit_segments(job, svc, segments))
+
+
+def _submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]]) -> int:
     s = svc.settings
-    plan = svc.storage.read_json(s.work_container, work_name(job.job_id, "plan.json"))["segments"]
+    plan = svc.storage.read_json(s.work_container, work_name(job.run_id, "plan.json"))["segments"]
     source = svc.storage.reader_url(job.input_container, job.input_name)
     style_args = _worker_style_args(job, svc)
     tasks = []
@@ -119,13 +139,13 @@ def submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]]
         args = ["stylize", source, "out.mp4", *style_args, "--start", start, "--json"]
         if end is not None:
             args += ["--end", end]
-        tasks.append(Task(segment_task_id(index, attempt), args, s.work_container, segment_name(job.job_id, index)))
-    return svc.compute.submit(job.job_id, tasks)
+        tasks.append(Task(segment_task_id(index, attempt), args, s.work_container, segment_name(job.run_id, index)))
+    return svc.compute.submit(job.run_id, tasks)
 
 
 def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stitch_attempt: int | None) -> dict:
     """Where the job's tasks stand, for the segments' current attempts (and the stitch, once submitted)."""
-    states = svc.compute.poll(job.job_id)
+    states = svc.compute.poll(job.run_id)
     telemetry.tasks_polled(job.job_id, states)  # each finished task's figures or failure, once
     succeeded, running, frames = 0, 0, 0
     failed = []
@@ -150,48 +170,126 @@ def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stit
 
 def submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
     """The stitch runs as a compute task too: long ffmpeg work does not belong inside a Function."""
+    return while_running(job, svc, lambda: _submit_stitch(job, svc, total, attempt))
+
+
+def _submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
     s = svc.settings
-    listing = [svc.storage.reader_url(s.work_container, segment_name(job.job_id, i)) for i in range(total)]
-    list_name = work_name(job.job_id, "segments.json")
+    listing = [svc.storage.reader_url(s.work_container, segment_name(job.run_id, i)) for i in range(total)]
+    list_name = work_name(job.run_id, "segments.json")
     svc.storage.write_json(s.work_container, list_name, listing)
     task = Task(
         stitch_task_id(attempt),
         ["stitch", "out.mp4", "--list", svc.storage.reader_url(s.work_container, list_name),
          "--audio-from", svc.storage.reader_url(job.input_container, job.input_name), "--json"],
-        s.work_container, stitched_name(job.job_id),
+        s.work_container, stitched_name(job.run_id),
     )
-    return svc.compute.submit(job.job_id, [task])
+    return svc.compute.submit(job.run_id, [task])
 
 
 def finalize(job: JobSpec, svc: Services, summary: dict) -> dict:
-    """Publish the stitched video and write its JSON manifest next to it, unless the input changed meanwhile.
+    """Publish the stitched video with its JSON manifest, unless the input changed meanwhile.
 
     Every segment read the input by name, so a newer upload of the same name during the job could have mixed
     two videos; and its own job will write the same output. Either way this job must not publish.
+    The manifest is written first and the video's one-step publish is the commit point: a video never appears
+    without its manifest, and a failed publish takes the manifest back.
     """
     s = svc.settings
-    planned = svc.storage.read_json(s.work_container, work_name(job.job_id, "plan.json"))["input_etag"]
-    current = svc.storage.info(job.input_container, job.input_name)
-    if current is None or current.etag != planned:
-        what = "deleted" if current is None else "replaced by a newer upload"
-        raise InputError(f"input {job.input_container}/{job.input_name} was {what} while this job ran; "
-                         "nothing was published", field="input")
-    svc.storage.publish(s.work_container, stitched_name(job.job_id), s.output_container, job.output_name)
-    manifest = {
-        "job_id": job.job_id,
-        "input": f"{job.input_container}/{job.input_name}",
-        "output": f"{s.output_container}/{job.output_name}",
-        "style": job.style, "strength": job.strength, "preserve_color": job.preserve_color,
-        "temporal": job.temporal,
-        "max_size": job.max_size, "segment_seconds": job.segment_seconds,
-        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **summary,
-    }
-    svc.storage.write_json(s.output_container, job.manifest_name, manifest)
-    return manifest
+
+    def unpublish() -> None:
+        svc.storage.delete(s.output_container, job.output_name)
+        svc.storage.delete(s.output_container, job.manifest_name)
+
+    def publish() -> dict:
+        planned = svc.storage.read_json(s.work_container, work_name(job.run_id, "plan.json"))["input_etag"]
+        current = svc.storage.info(job.input_container, job.input_name)
+        if current is None or current.etag != planned:
+            what = "deleted" if current is None else "replaced by a newer upload"
+            raise InputError(f"input {job.input_container}/{job.input_name} was {what} while this job ran; "
+                             "nothing was published", field="input")
+        manifest = {
+            "job_id": job.job_id,
+            "input": f"{job.input_container}/{job.input_name}",
+            "output": f"{s.output_container}/{job.output_name}",
+            "style": job.style, "strength": job.strength, "preserve_color": job.preserve_color,
+            "temporal": job.temporal,
+            "max_size": job.max_size, "segment_seconds": job.segment_seconds,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **summary,
+        }
+        svc.storage.write_json(s.output_container, job.manifest_name, manifest)
+        try:
+            svc.storage.publish(s.work_container, stitched_name(job.run_id), s.output_container, job.output_name)
+        except Exception:
+            svc.storage.delete(s.output_container, job.manifest_name)
+            raise
+        return manifest
+
+    return while_running(job, svc, publish, undo=unpublish)
 
 
-def cleanup(job: JobSpec, svc: Services) -> int:
-    """Stop the job's tasks and delete its work files; returns how many work blobs were removed."""
-    svc.compute.delete(job.job_id)
-    return svc.storage.delete_prefix(svc.settings.work_container, f"{job.job_id}/")
+def cleanup(job: JobSpec, svc: Services, reason: str = "ended") -> int:
+    """End the run: record that it ended, then stop its tasks and delete its work files. Returns how many work
+    blobs were removed. The record comes first, so that a step of this run still in flight (an activity the
+    Durable extension had already queued) finds it and creates nothing; see :func:`while_running`. Work is
+    removed even when the record cannot be written, and the cleanup then fails so that it is tried again."""
+    logs, name = svc.settings.logs_container, end_record_name(job.run_id)
+
+    def record(cleanup: str) -> None:
+        ended = {"run_id": job.run_id, "reason": reason, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        svc.storage.write_json(logs, name, {**(earlier or ended), "cleanup": cleanup})
+
+    unrecorded, earlier = None, None
+    try:
+        earlier = end_record(job, svc)  # a second cleanup (cancel, then the orchestration's own) keeps the reason
+        record("running")
+    except Exception as exc:
+        unrecorded = exc
+    try:
+        removed = _remove_work(job, svc)
+    except Exception as exc:  # visible in the job's status until a later cleanup finishes the work
+        if unrecorded is None:
+            record(f"incomplete: {type(exc).__name__}: {exc}")
+        raise
+    if unrecorded is not None:
+        raise unrecorded
+    record("done")
+    return removed
+
+
+def end_record(job: JobSpec, svc: Services) -> dict | None:
+    """How the run ended ({"reason", "at", "cleanup"}), or None while it has not."""
+    name = end_record_name(job.run_id)
+    if svc.storage.info(svc.settings.logs_container, name) is None:
+        return None
+    record = svc.storage.read_json(svc.settings.logs_container, name)
+    return record if isinstance(record, dict) else {"reason": "ended"}
+
+
+def while_running(job: JobSpec, svc: Services, step: Callable[[], T], undo: Callable[[], None] | None = None) -> T:
+    """Run a step that creates tasks or files, unless the run has ended; if it ends while the step runs, take
+    back what the step made. :func:`cleanup` records the end before it removes anything, so either this
+    second look sees the record, or the cleanup started after the step had finished and removes what it made:
+    whatever order activities run in, and after a restart of the app, nothing of an ended run survives."""
+    _refuse_if_ended(job, svc)
+    result = step()
+    try:
+        _refuse_if_ended(job, svc)
+    except JobEnded:
+        if undo is not None:
+            undo()
+        _remove_work(job, svc)
+        raise
+    return result
+
+
+def _refuse_if_ended(job: JobSpec, svc: Services) -> None:
+    record = end_record(job, svc)
+    if record is not None:
+        raise JobEnded(f"job {job.job_id} has ended ({record.get('reason', 'ended')}); nothing more runs for it")
+
+
+def _remove_work(job: JobSpec, svc: Services) -> int:
+    svc.compute.delete(job.run_id)
+    return svc.storage.delete_prefix(svc.settings.work_container, f"{job.run_id}/")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import PurePosixPath
 
 from gpu_worker.errors import InputError
@@ -33,13 +34,21 @@ class JobSpec:
     segment_seconds: float
     output_name: str
     manifest_name: str
+    # One run of the job: a job restarted under the same id (POST /api/jobs after it failed or was canceled)
+    # is a new run, with its own Batch job, work files and end record, so nothing of the old run can touch it.
+    run: str = ""
+
+    @property
+    def run_id(self) -> str:
+        """The key of this run's compute job, work files and end record."""
+        return f"{self.job_id}-{self.run}" if self.run else self.job_id
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> JobSpec:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def check_blob_name(name: object, field: str = "input") -> str:
@@ -126,8 +135,8 @@ def _positive(value: object, field: str) -> float:
 
 
 def orchestration_input(job: JobSpec, settings: Settings) -> dict:
-    """The orchestration's input: the job plus the knobs that must not change while it replays."""
-    return {"job": job.to_dict(),
+    """The orchestration's input: the job (as a new run) plus the knobs that must not change while it replays."""
+    return {"job": replace(job, run=uuid.uuid4().hex[:8]).to_dict(),
             "options": {"max_attempts": settings.max_attempts, "poll_seconds": settings.poll_seconds,
                         "activity_attempts": settings.activity_attempts,
                         "activity_retry_seconds": settings.activity_retry_seconds}}

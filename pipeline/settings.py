@@ -7,17 +7,27 @@ worker processes for compute.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gpu_worker.style_spec import DEFAULT_TEMPORAL
+from gpu_worker.errors import InputError
+from gpu_worker.style_spec import DEFAULT_TEMPORAL, parse_style
 
 # Segment length weighs what the reference architecture weighs. Each task pays a fixed start-up (container
 # start, model load, decoder seek: ~5–15 s on a GPU node), and a failure reruns one whole segment. At about
 # 300 fps on an H100, 30 s of 30 fps video is ~3 s of scoring: long enough that start-up stays a minority,
 # short enough that a 10-minute video spreads over 20 GPUs and a retry costs seconds.
 DEFAULT_SEGMENT_SECONDS = 30.0
+_CONTAINER = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+class SettingsError(InputError):
+    """An app setting with a value the app cannot run with; the message names it and what is allowed."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(f"setting {name}={value!r}: {reason}", field=name)
 
 
 @dataclass(frozen=True)
@@ -55,15 +65,46 @@ class Settings:
     default_temporal: float = DEFAULT_TEMPORAL
     default_max_size: int = 0  # 0 keeps the source's resolution
 
+    def __post_init__(self) -> None:
+        for name, (env, lo, hi) in _RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise SettingsError(env, value, f"must be {lo:g} to {hi:g}")
+        for name, env, allowed in (("storage", "STYLIZE_STORAGE", ("local", "blob")),
+                                   ("compute", "STYLIZE_COMPUTE", ("local", "batch"))):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(env, getattr(self, name), f"must be {' or '.join(allowed)}")
+        for kind in ("input", "styles", "output", "work", "logs"):
+            name = getattr(self, f"{kind}_container")
+            if not _CONTAINER.match(name) or "--" in name:
+                raise SettingsError(f"{kind.upper()}_CONTAINER", name, "must be a container name: 3-63 lower-case "
+                                    "letters, digits and single hyphens, starting with a letter or digit")
+        if self.default_max_size and not 64 <= self.default_max_size <= 8192:
+            raise SettingsError("DEFAULT_MAX_SIZE", self.default_max_size, "must be 0 (full resolution) or 64 to 8192")
+        try:
+            parse_style(self.default_style, self.default_strength, False, self.default_temporal)
+        except InputError as exc:
+            env = {"strength": "DEFAULT_STRENGTH", "temporal": "DEFAULT_TEMPORAL"}.get(exc.field or "", "DEFAULT_STYLE")
+            raise SettingsError(env, getattr(self, env.lower()), str(exc)) from None
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the app settings; names are the ones infra/ sets on the Function App."""
+        """Read the app settings (names are the ones infra/ sets on the Function App) and check each one;
+        a bad one raises :class:`SettingsError` naming it, its value and what is allowed."""
         env = os.environ if env is None else env
         base = cls()
 
         def get(name: str, default, kind=str):
-            value = env.get(name, "")
-            return kind(value) if value != "" else default
+            value = env.get(name, "").strip()
+            if value == "":
+                return default
+            try:
+                return kind(value)
+            except ValueError:
+                allowed = "must be " + {int: "a whole number", float: "a number"}.get(kind, "a path")
+                bounds = next(((lo, hi) for env_name, lo, hi in _RANGES.values() if env_name == name), None)
+                raise SettingsError(name, value, f"{allowed} from {bounds[0]:g} to {bounds[1]:g}" if bounds
+                                    else allowed) from None
 
         return replace(
             base,
@@ -97,3 +138,19 @@ class Settings:
             default_temporal=get("DEFAULT_TEMPORAL", base.default_temporal, float),
             default_max_size=get("DEFAULT_MAX_SIZE", base.default_max_size, int),
         )
+
+
+# Numeric settings: field → (app setting, lowest, highest). Durable retries need a first interval above zero;
+# the rest keep a typo (minutes for seconds, a stray zero) from making every job fail or never finish.
+_RANGES = {
+    "local_workers": ("LOCAL_WORKERS", 1, 64),
+    "segment_seconds": ("SEGMENT_SECONDS", 1.0, 3600.0),
+    "max_segments": ("MAX_SEGMENTS", 1, 100_000),
+    "max_attempts": ("MAX_ATTEMPTS", 1, 10),
+    "activity_attempts": ("ACTIVITY_ATTEMPTS", 1, 20),
+    "activity_retry_seconds": ("ACTIVITY_RETRY_SECONDS", 0.1, 3600.0),
+    "poll_seconds": ("POLL_SECONDS", 0.01, 300.0),
+    "task_timeout_minutes": ("TASK_TIMEOUT_MINUTES", 1, 7 * 24 * 60),
+    "max_duration_seconds": ("MAX_DURATION_SECONDS", 1.0, 7 * 24 * 3600.0),
+    "max_frame_side": ("MAX_FRAME_SIDE", 64, 8192),
+}

@@ -7,6 +7,7 @@ readers (rename into place locally; a blob upload commits atomically), and a wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,9 @@ class Storage(Protocol):
     def write_json(self, container: str, name: str, data: object) -> None: ...
     def read_json(self, container: str, name: str) -> object: ...
     def list_names(self, container: str, prefix: str = "") -> list[str]: ...
+    def delete(self, container: str, name: str) -> None:
+        """Remove one blob; a missing one is fine."""
+        ...
     def delete_prefix(self, container: str, prefix: str) -> int: ...
     def publish(self, container: str, name: str, to_container: str, to_name: str) -> None:
         """Make a finished file appear under another name in one step; the source stays until cleanup, so a
@@ -110,11 +114,14 @@ class LocalStorage:
             names += [(rel / f).as_posix() for f in files if not f.startswith(".")]
         return sorted(n for n in names if n.startswith(prefix))
 
+    def delete(self, container: str, name: str) -> None:
+        self.path(container, name).unlink(missing_ok=True)
+        self._meta_path(container, name).unlink(missing_ok=True)
+
     def delete_prefix(self, container: str, prefix: str) -> int:
         names = self.list_names(container, prefix)
         for name in names:
-            self.path(container, name).unlink(missing_ok=True)
-            self._meta_path(container, name).unlink(missing_ok=True)
+            self.delete(container, name)
         if prefix.endswith("/"):
             shutil.rmtree(self.root / container / prefix, ignore_errors=True)
         return len(names)
@@ -226,6 +233,12 @@ class BlobStorage:
             if status == "pending":
                 target.abort_copy(copy["copy_id"])
             raise RuntimeError(f"copying {container}/{name} to {to_container}/{to_name} ended {status}")
+
+    def delete(self, container: str, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with contextlib.suppress(ResourceNotFoundError):
+            self._blob(container, name).delete_blob()
 
     def delete_prefix(self, container: str, prefix: str) -> int:
         names = self.list_names(container, prefix)

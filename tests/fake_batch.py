@@ -219,6 +219,8 @@ class FakeBatch:
         self._preempt: set[str] = set()
         self._delays: dict[str, float] = {}
         self._drop_after: int | None = None
+        self._holds: list[tuple[str, str, threading.Event, threading.Event]] = []  # method, path end, seen, go
+        self.termination_seconds = 0.1  # how long a terminated job stays "terminating"
         self._cursors: dict[str, list[dict]] = {}
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -284,6 +286,14 @@ class FakeBatch:
         with self._lock:
             self._drop_after = accepted
 
+    def hold(self, method: str, path_end: str) -> tuple[threading.Event, threading.Event]:
+        """The next ``method`` request whose path ends with ``path_end`` waits, before the service acts on it,
+        until the second event is set; the first is set when it arrives (a request slow in flight)."""
+        seen, go = threading.Event(), threading.Event()
+        with self._lock:
+            self._holds.append((method, path_end, seen, go))
+        return seen, go
+
     def running(self) -> list[tuple[str, str]]:
         """(job, task) of every task process still alive."""
         with self._lock:
@@ -315,6 +325,12 @@ class FakeBatch:
         path = urllib.parse.unquote(url.path)
         with self._lock:
             self.requests.append((method, path, query))
+            hold = next((h for h in self._holds if h[0] == method and path.endswith(h[1])), None)
+            if hold is not None:
+                self._holds.remove(hold)
+        if hold is not None:
+            hold[2].set()
+            hold[3].wait(60)
         try:
             if query.get("api-version") not in API_VERSIONS:
                 raise Refused(400, "InvalidApiVersion" if "api-version" in query else "MissingRequiredQueryParameter",
@@ -455,7 +471,7 @@ class FakeBatch:
             job.terminate_reason = (body or {}).get("terminateReason") or "UserTerminate"
             self.terminated_jobs.append(job.id)
             self._stop_tasks(job, "terminate")
-        threading.Timer(0.1, self._finish_termination, args=(job,)).start()
+        threading.Timer(self.termination_seconds, self._finish_termination, args=(job,)).start()
         return 202, None, {"DataServiceId": f"{self.url}/jobs/{job_id}/terminate"}
 
     def _finish_termination(self, job: FakeJob) -> None:
@@ -468,6 +484,8 @@ class FakeBatch:
             job = self._existing_job(job_id)
             if job.state == "deleting":
                 raise Refused(409, "JobBeingDeleted", "The specified job is in the process of being deleted.")
+            if job.state == "terminating":
+                raise Refused(409, "JobBeingTerminated", "The specified job is in the process of being terminated.")
             job.state, job.state_time = "deleting", _now()
             self.deleted_jobs.append(job.id)
             self._stop_tasks(job, "delete")

@@ -22,6 +22,7 @@ from azure.storage.blob import BlobServiceClient
 import function_app
 from local.durable_host import LocalDurableHost
 from pipeline import batch_compute, runtime
+from pipeline.jobspec import JobSpec
 from pipeline.settings import Settings
 from tests.fake_batch import FakeBatch
 
@@ -84,6 +85,12 @@ class Stack:
         assert code == 202, reply
         return reply["id"]
 
+    def run_id(self, job_id: str) -> str:
+        return run_id(self.host, job_id)
+
+    def job(self, job_id: str) -> JobSpec:
+        return job_of(self.host, job_id)
+
     def wait(self, job_id: str, timeout: float = 180) -> dict:
         return self.host.wait(job_id, timeout=timeout)
 
@@ -117,6 +124,17 @@ class Stack:
     def download(self, kind: str, name: str, path: Path) -> Path:
         self.svc.storage.download_file(getattr(self.settings, f"{kind}_container"), name, path)
         return path
+
+
+def job_of(host: LocalDurableHost, job_id: str) -> JobSpec:
+    """The job as its orchestration runs it (with its current run)."""
+    args = host.status(job_id)["input"]
+    return JobSpec.from_dict((json.loads(args) if isinstance(args, str) else args)["job"])
+
+
+def run_id(host: LocalDurableHost, job_id: str) -> str:
+    """The key of the job's current run: its compute job, work files and end record."""
+    return job_of(host, job_id).run_id
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:

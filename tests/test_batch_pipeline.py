@@ -33,7 +33,7 @@ from pipeline.settings import Settings
 from pipeline.storage import BlobStorage
 from tests.fake_batch import FakeBatch
 from tests.media_helpers import frame_times, make_clip_with_audio
-from tests.stacks import batch_settings, new_containers
+from tests.stacks import batch_settings, new_containers, run_id
 
 SEGMENTS = 2
 
@@ -86,11 +86,11 @@ def wait_until(condition, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def assert_job_gone(fake: FakeBatch, svc: runtime.Services, job_id: str) -> None:
-    batch_job = batch_job_id(job_id)
+def assert_job_gone(fake: FakeBatch, svc: runtime.Services, run_id: str) -> None:
+    batch_job = batch_job_id(run_id)
     assert batch_job in fake.terminated_jobs and batch_job in fake.deleted_jobs
     wait_until(lambda: fake.job(batch_job) is None and not fake.running())
-    assert svc.compute.poll(job_id) == {}
+    assert svc.compute.poll(run_id) == {}
     assert svc.storage.list_names(svc.settings.work_container) == []
     assert max(fake.task_creations.values()) == 1  # no task was ever created twice
 
@@ -111,10 +111,10 @@ def test_batch_job_end_to_end_exact_frames(batch_app, clip: Path) -> None:
         assert container.streams.audio, "audio kept"
     assert svc.storage.read_json(s.output_container, "clip.json")["frames"] == result["frames"]
 
-    batch_job = batch_job_id(job_id)
+    batch_job = batch_job_id(run_id(host, job_id))
     assert [(job, task) for job, task, code in fake.finished_runs if code != 0] == [(batch_job, "seg00000-a0")]
     assert sorted(task for _, task in fake.task_creations) == ["seg00000-a0", "seg00001-a0", "stitch-a0"]
-    assert_job_gone(fake, svc, job_id)
+    assert_job_gone(fake, svc, run_id(host, job_id))
     # The nodes uploaded each task's logs; stdout.txt holds the worker's JSON summary.
     logs = svc.storage.list_names(s.logs_container, f"{batch_job}/")
     assert {f"{batch_job}/{t}/{n}" for t in ("seg00000-a0", "seg00001-a0", "stitch-a0")
@@ -137,12 +137,12 @@ def test_task_failing_twice_then_succeeding_completes_exactly(batch_app, clip: P
     output = Path(svc.settings.storage_root) / "out.mp4"
     svc.storage.download_file(svc.settings.output_container, "clip.mp4", output)
     assert frame_times(output) == frame_times(clip)
-    batch_job = batch_job_id(job_id)
+    batch_job = batch_job_id(run_id(host, job_id))
     created = sorted(task for _, task in fake.task_creations)
     assert created == ["seg00000-a0", "seg00001-a0", "seg00001-a1", "seg00001-a2", "stitch-a0"]
     assert fake.add_requests[:2] == [SEGMENTS, SEGMENTS]  # the dropped request, then all of it again
     assert max(fake.task_submissions[(batch_job, t)] for t in ("seg00000-a0", "seg00001-a0")) == 2
-    assert_job_gone(fake, svc, job_id)
+    assert_job_gone(fake, svc, run_id(host, job_id))
 
 
 def test_task_that_always_fails_fails_the_job_with_reason_and_exit_code(batch_app, clip: Path) -> None:
@@ -157,7 +157,7 @@ def test_task_that_always_fails_fails_the_job_with_reason_and_exit_code(batch_ap
                    "(exit code 3)",
     }
     assert svc.storage.list_names(svc.settings.output_container) == []
-    assert_job_gone(fake, svc, job_id)
+    assert_job_gone(fake, svc, run_id(host, job_id))
 
 
 class BearerPolicy(SansIOHTTPPolicy):

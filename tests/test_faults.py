@@ -17,11 +17,18 @@ two API jobs for one output path               → the second is refused (409) u
 two uploads whose names give one output path   → the second fails at once, naming the first
 cancel while segments are scored               → Terminated; nothing running; no work, no output
 cancel while the stitch runs                   → the same
+steps queued before a cancel, run after it      → refused by the run's end record, also after an app restart
+a submit in flight when the job ends           → it takes back the Batch job / tasks it made
+a restart of a canceled job                    → a new run; completes exactly
+a manifest or publish that fails               → Failed; nothing published
+Batch job still terminating after the wait     → "cleanup: incomplete" in the cancel reply and status; finished
+                                                 by another cancel  (batch only)
 the local `stylize run` process killed         → nothing at the output path; rerun works  (test_stylize_cli)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -31,9 +38,9 @@ import pytest
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
 from azure.storage.blob import BlobClient
 
-from pipeline import jobs
+from pipeline import jobs, runtime
 from pipeline.batch_compute import batch_job_id
-from pipeline.jobspec import instance_id
+from pipeline.jobspec import instance_id, job_spec
 from tests.media_helpers import frame_times, make_clip_with_audio
 from tests.stacks import Stack, open_stack, wait_until
 
@@ -60,10 +67,11 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def assert_nothing_left(stack: Stack, job_id: str) -> None:
     """No task running, no work file, nothing published, the backend has forgotten the job."""
     wait_until(lambda: not stack.running(), timeout=30, what="task processes to end")
-    assert stack.svc.compute.poll(job_id) == {}
+    run_id = stack.run_id(job_id)
+    assert stack.svc.compute.poll(run_id) == {}
     assert stack.names("work") == [] and stack.names("output") == []
     if stack.fake:
-        batch_job = batch_job_id(job_id)
+        batch_job = batch_job_id(run_id)
         wait_until(lambda: stack.fake.job(batch_job) is None, timeout=30, what="the Batch job to be deleted")
         if batch_job in stack.fake.created_jobs:
             assert batch_job in stack.fake.terminated_jobs
@@ -131,7 +139,7 @@ def test_permanent_activity_error_fails_the_job_with_the_reason(stack: Stack, cl
     assert error["kind"] == "internal"
     assert error["message"] == ("This request is not authorized to perform this operation using this permission. "
                                 "ErrorCode:AuthorizationPermissionMismatch")
-    assert len(attempts) == stack.settings.activity_attempts
+    assert len([n for n in attempts if n.endswith("/plan.json")]) == stack.settings.activity_attempts
     assert_nothing_left(stack, job_id)
     assert stack.names("input") == [name]
 
@@ -222,14 +230,14 @@ def test_two_uploads_for_one_output_path(azurite: str, tmp_path: Path, monkeypat
 
 def cancel(stack: Stack, job_id: str) -> None:
     code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
-    assert code == 202 and reply["stage"] == "canceled"
-    assert stack.host.status(job_id)["runtimeStatus"] == "Terminated"
+    assert code == 202 and reply == {"id": job_id, "stage": "canceled", "cleanup": "done"}
 
 
 def test_cancel_during_scoring_stops_everything(stack: Stack, clip: Path) -> None:
     job_id = stack.start(stack.put(clip), style="7")
     wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
     cancel(stack, job_id)
+    wait_terminated(stack, job_id)
     assert_nothing_left(stack, job_id)
     code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
     assert code == 409 and "already Terminated" in reply["error"]
@@ -243,6 +251,164 @@ def test_cancel_during_stitching_publishes_nothing(stack: Stack, clip: Path, tmp
     wait_until(lambda: "stitch-a0" in stack.running(), timeout=120, what="the stitch task to run")
     assert stack.call("get_job", route={"job_id": job_id})[1]["stage"] == "stitching"
     cancel(stack, job_id)
+    wait_terminated(stack, job_id)
     assert_nothing_left(stack, job_id)
     time.sleep(3.5)  # past the moment the stitch would have finished
     assert stack.names("output") == [] and not stack.running()
+
+
+def wait_terminated(stack: Stack, job_id: str) -> None:
+    """Terminate is a queued message, as in the Durable extension: the instance stops at its next episode."""
+    wait_until(lambda: stack.host.status(job_id)["runtimeStatus"] == "Terminated", timeout=30,
+               what="the orchestration to stop")
+
+
+def restarted_app(stack: Stack) -> jobs.Services:
+    """The same settings in a fresh process: nothing of the old one's memory."""
+    storage = runtime.build_storage(stack.settings)
+    compute = runtime.build_compute(stack.settings, storage)
+    if stack.fake is None:
+        compute.python = stack.svc.compute.python
+    return jobs.Services(stack.settings, storage, compute)
+
+
+def test_steps_queued_before_a_cancel_create_nothing(stack: Stack, clip: Path) -> None:
+    """Activities the extension had already queued run after the cancel: in this process and after a restart
+    of the app, none of them creates a compute job, a task or a file."""
+    job_id = stack.start(stack.put(clip), style="7")
+    wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+    job = stack.job(job_id)
+    cancel(stack, job_id)
+    wait_terminated(stack, job_id)
+    for svc in (stack.svc, restarted_app(stack)):
+        try:
+            with pytest.raises(jobs.JobEnded, match=f"job {job_id} has ended \\(canceled\\)"):
+                jobs.submit_segments(job, svc, [(0, 1), (1, 1)])
+            with pytest.raises(jobs.JobEnded):
+                jobs.submit_stitch(job, svc, 2, 0)
+            with pytest.raises(jobs.JobEnded):
+                jobs.prepare(job, svc)
+        finally:
+            if svc is not stack.svc:
+                svc.compute.close()
+    assert_nothing_left(stack, job_id)
+    if stack.fake:
+        assert stack.fake.created_jobs.count(batch_job_id(job.run_id)) == 1
+
+
+def test_a_submit_in_flight_when_the_job_ends_is_taken_back(stack: Stack, clip: Path) -> None:
+    """The worst order: a submit has checked that its job runs, the job is canceled and cleaned up, and only
+    then does the submit reach the compute backend (on Batch: its create-job request was held in flight, so
+    it creates a job under the id the cleanup had just freed). The submit takes back what it made."""
+    settings = stack.settings
+    job = dataclasses.replace(job_spec("late-job", settings.input_container, stack.put(clip), {"style": "7"},
+                                       settings), run="r1")
+    jobs.prepare(job, stack.svc)
+    if stack.fake:
+        arrived, release = stack.fake.hold("POST", "/jobs")
+    else:
+        arrived, release = threading.Event(), threading.Event()
+        submit = stack.svc.compute.submit
+
+        def slow_submit(run_id: str, tasks: list) -> int:
+            arrived.set()
+            release.wait(30)
+            return submit(run_id, tasks)
+
+        stack.svc.compute.submit = slow_submit
+    outcome: list[BaseException | int] = []
+
+    def late_submit() -> None:
+        try:
+            outcome.append(jobs.submit_segments(job, stack.svc, [(0, 0), (1, 0)]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=late_submit)
+    thread.start()
+    assert arrived.wait(30)
+    jobs.cleanup(job, stack.svc, "canceled")
+    release.set()
+    thread.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], jobs.JobEnded), outcome
+    wait_until(lambda: not stack.running(), timeout=30, what="task processes to end")
+    assert stack.svc.compute.poll(job.run_id) == {}
+    assert stack.names("work") == [] and stack.names("output") == []
+    if stack.fake:
+        batch_job = batch_job_id(job.run_id)
+        assert batch_job in stack.fake.created_jobs  # the late request did create it …
+        wait_until(lambda: stack.fake.job(batch_job) is None, timeout=30, what="the Batch job to be deleted")
+
+
+def test_a_restarted_job_runs_again_after_a_cancel(stack: Stack, clip: Path, tmp_path: Path) -> None:
+    """POST /api/jobs after a cancel restarts the job under the same id, as a new run that nothing of the old
+    one can block or touch."""
+    name = stack.put(clip)
+    job_id = stack.start(name, style="7")
+    wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+    first = stack.run_id(job_id)
+    cancel(stack, job_id)
+    wait_terminated(stack, job_id)
+    assert stack.start(name, style="7") == job_id
+    status = stack.wait(job_id)
+    assert status["runtimeStatus"] == "Completed", status
+    assert stack.run_id(job_id) != first
+    assert_output_is(stack, clip, tmp_path)
+    if stack.fake is None:
+        assert stack.svc.compute.jobs() == []  # no memory kept of either run
+
+
+def test_manifest_that_cannot_be_written_publishes_nothing(stack: Stack, clip: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publishing is one step for the user: no video appears unless its manifest did."""
+    write_json = stack.svc.storage.write_json
+
+    def refuse_manifests(container: str, name: str, data: object) -> None:
+        if container == stack.settings.output_container:
+            raise HttpResponseError(message="The specified container is being deleted. ErrorCode:ContainerBeingDeleted")
+        write_json(container, name, data)
+
+    monkeypatch.setattr(stack.svc.storage, "write_json", refuse_manifests)
+    job_id = stack.start(stack.put(clip), style="7")
+    status = stack.wait(job_id)
+    assert status["runtimeStatus"] == "Failed"
+    assert "ContainerBeingDeleted" in status["customStatus"]["error"]["message"]
+    assert_nothing_left(stack, job_id)
+
+
+def test_a_video_that_cannot_be_published_takes_its_manifest_back(stack: Stack, clip: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise RuntimeError("copying work/… to output/clip.mp4 ended failed")
+
+    monkeypatch.setattr(stack.svc.storage, "publish", refuse)
+    status = stack.wait(stack.start(stack.put(clip), style="7"))
+    assert status["runtimeStatus"] == "Failed" and "ended failed" in status["customStatus"]["error"]["message"]
+    assert stack.names("output") == []
+
+
+def test_a_cleanup_left_incomplete_is_shown_and_finished_later(azurite: str, clip: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch keeps the canceled job terminating past the wait: the cancel says so, so does the job's status,
+    and a second cancel, once Batch has finished, deletes it."""
+    with open_stack("batch", tmp_path, monkeypatch, azurite) as stack:
+        stack.fake.termination_seconds = 4.0
+        stack.svc.compute.wait_seconds = 0.5
+        job_id = stack.start(stack.put(clip), style="7")
+        wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+        code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+        assert code == 202 and reply["stage"] == "canceled"
+        assert reply["cleanup"].startswith("incomplete: JobNotDeleted: Batch job ") and "still terminating" in \
+            reply["cleanup"]
+        assert not stack.running()  # terminating already stopped the tasks: nothing more is paid for
+        wait_terminated(stack, job_id)
+        code, view = stack.call("get_job", route={"job_id": job_id})
+        assert code == 200 and view["stage"] == "canceled" and view["cleanup"] == reply["cleanup"]
+        batch_job = batch_job_id(stack.run_id(job_id))
+        wait_until(lambda: stack.fake.job(batch_job).state == "completed", timeout=10, what="termination")
+        code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+        assert code == 202 and reply["cleanup"] == "done"
+        assert "cleanup" not in stack.call("get_job", route={"job_id": job_id})[1]
+        assert_nothing_left(stack, job_id)
+        code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+        assert code == 409 and "already Terminated" in reply["error"]

@@ -44,7 +44,7 @@ def test_jobs_at_once_are_exact_separate_and_bounded(tmp_path: Path, monkeypatch
                 seen["worker_rss"] = max(seen["worker_rss"], sum(_rss(w) for w in workers))
                 seen["host_rss"] = max(seen["host_rss"], host.memory_info().rss)
                 owners = {name.split("/")[0] for name in stack.names("work")}
-                seen["foreign"] |= owners - set(job_ids)  # work files of no known job
+                seen["foreign"] |= owners - {stack.run_id(job_id) for job_id in list(job_ids)}  # of no known run
                 time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)

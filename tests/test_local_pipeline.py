@@ -22,6 +22,7 @@ from local.durable_host import LocalDurableHost
 from pipeline import runtime
 from pipeline.settings import Settings
 from tests.media_helpers import frame_times, make_clip_with_audio, video_stream_info
+from tests.stacks import run_id
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def test_job_end_to_end_keeps_frames_timestamps_size_and_audio(local_app, clip: 
     manifest = svc.storage.read_json("output", "clip.json")
     assert manifest["job_id"] == job_id and manifest["frames"] == result["frames"] and manifest["style"] == "7"
     assert svc.storage.list_names("work") == []  # work files cleaned up
-    assert svc.compute.poll(job_id) == {}
+    assert svc.compute.poll(run_id(host, job_id)) == {}
     code, view = call(host, "get_job", route={"job_id": job_id})
     assert code == 200 and view["runtime_status"] == "Completed" and view["stage"] == "completed"
     assert view["frames"]["done"] == result["frames"] and view["output"] == "clip.mp4"

@@ -202,3 +202,78 @@ def test_local_poll_answers_at_news_and_waits_quietly_between(tmp_path: Path) ->
         assert (tmp_path / "storage" / "work" / "job" / "seg-0.mp4").read_bytes() == b"x"
     finally:
         compute.close()
+
+
+def test_local_cleanup_waits_for_an_upload_in_flight_and_forgets_the_job(tmp_path: Path) -> None:
+    """A segment whose upload began before the cancel lands before the cleanup removes the job's files (never
+    after it), and a deleted job leaves nothing in memory: the same id can run again."""
+    import sys
+    import threading
+    import time
+
+    from pipeline.compute import LocalCompute, Task
+    from pipeline.jobs import Services, cleanup
+    from pipeline.jobspec import JobSpec
+
+    fake_python = tmp_path / "fake-python"
+    fake_python.write_text(f"#!{sys.executable}\nopen('out.mp4', 'wb').write(b'x')\n")
+    fake_python.chmod(0o755)
+    storage = LocalStorage(tmp_path / "storage")
+    uploading, release = threading.Event(), threading.Event()
+    upload = storage.upload_file
+
+    def slow_upload(*args: object, **kwargs: object) -> None:
+        uploading.set()
+        release.wait(30)
+        upload(*args, **kwargs)
+
+    storage.upload_file = slow_upload
+    compute = LocalCompute(storage, tmp_path / "scratch", python=str(fake_python), poll_wait_seconds=0.1)
+    job = JobSpec.from_dict({**job_spec("job-1", "input", "clip.mp4", {}, SETTINGS).to_dict(), "run": "r1"})
+    svc = Services(SETTINGS, storage, compute)
+    try:
+        compute.submit(job.run_id, [Task("seg-0", ["stylize"], "work", f"{job.run_id}/seg-0.mp4")])
+        assert uploading.wait(30)
+        threading.Timer(0.5, release.set).start()
+        began = time.monotonic()
+        cleanup(job, svc, "canceled")
+        assert time.monotonic() - began >= 0.4  # it waited for the upload …
+        assert storage.list_names("work") == []  # … and then removed what it wrote
+        assert storage.read_json("logs", f"ended/{job.run_id}.json")["reason"] == "canceled"
+        assert compute.jobs() == [] and compute.poll(job.run_id) == {}
+        storage.upload_file = upload
+        assert compute.submit(job.run_id, [Task("seg-0", ["stylize"], "work", "again/seg-0.mp4")]) == 1
+    finally:
+        compute.close()
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"ACTIVITY_RETRY_SECONDS": "0"}, "setting ACTIVITY_RETRY_SECONDS=0.0: must be 0.1 to 3600"),
+    ({"POLL_SECONDS": "five"}, "setting POLL_SECONDS='five': must be a number from 0.01 to 300"),
+    ({"MAX_ATTEMPTS": "0"}, "setting MAX_ATTEMPTS=0: must be 1 to 10"),
+    ({"LOCAL_WORKERS": "2.5"}, "setting LOCAL_WORKERS='2.5': must be a whole number from 1 to 64"),
+    ({"STYLIZE_COMPUTE": "gpu"}, "setting STYLIZE_COMPUTE='gpu': must be local or batch"),
+    ({"WORK_CONTAINER": "Work"}, "setting WORK_CONTAINER='Work': must be a container name"),
+    ({"DEFAULT_TEMPORAL": "1"}, "setting DEFAULT_TEMPORAL=1.0: temporal must be between 0 (off) and 0.95"),
+    ({"DEFAULT_STYLE": "99"}, "setting DEFAULT_STYLE='99': style 99 does not exist"),
+    ({"DEFAULT_MAX_SIZE": "32"}, "setting DEFAULT_MAX_SIZE=32: must be 0 (full resolution) or 64 to 8192"),
+])
+def test_every_setting_is_checked_when_read(env: dict, message: str) -> None:
+    from pipeline.settings import SettingsError
+
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env(env)
+    assert str(error.value).startswith(message) and error.value.field == next(iter(env))
+
+
+def test_a_bad_setting_stops_the_function_app_at_start_up() -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", "import function_app"], capture_output=True, text=True,
+                            cwd=repo, env={**os.environ, "ACTIVITY_RETRY_SECONDS": "0"}, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "pipeline.settings.SettingsError: setting ACTIVITY_RETRY_SECONDS=0.0: must be 0.1 to 3600")

@@ -416,7 +416,7 @@ def _job_services(connection: str, names: dict[str, str], fake: FakeBatch, stora
 
 
 def _plan(svc: jobs.Services, job) -> None:
-    svc.storage.write_json(svc.settings.work_container, jobs.work_name(job.job_id, "plan.json"),
+    svc.storage.write_json(svc.settings.work_container, jobs.work_name(job.run_id, "plan.json"),
                            {"segments": plan_segments(0.0, 2.0, 1.0, 100)})
 
 
@@ -441,7 +441,7 @@ def test_batch_tasks_carry_no_token_key_or_sas(azurite: str, batch: FakeBatch, m
     finally:
         svc.compute.close()
     assert batch.violations == []
-    batch_job = batch.job(batch_job_id(job.job_id))
+    batch_job = batch.job(batch_job_id(job.run_id))
     bodies = [task.body for task in batch_job.tasks.values()]
     assert sorted(b["id"] for b in bodies) == ["seg00000-a0", "seg00001-a0", "stitch-a0"]
     forbidden = [DEV_KEY, DEV_KEY[:16], batch.key, batch.bearer_token, client_secret, local_token, "AccountKey",

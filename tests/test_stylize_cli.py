@@ -116,3 +116,13 @@ def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
     again = stylize("run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert frame_times(out) == frame_times(source)
+
+
+def test_run_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    source = sample_clip("carphone_pristine.mp4")
+    result = subprocess.run([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o",
+                             str(tmp_path / "out.mp4")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**_env(), "MAX_ATTEMPTS": "0"})
+    assert result.returncode == 2
+    assert result.stderr == "error: setting MAX_ATTEMPTS=0: must be 1 to 10\n"
+    assert list(tmp_path.iterdir()) == []
