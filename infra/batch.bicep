@@ -1,4 +1,4 @@
-// Azure Batch account (Batch-service pool allocation, Entra ID auth only) and the GPU pool.
+// Azure Batch account (Batch-service pool allocation, Entra ID auth only) and the GPU pool of dedicated nodes.
 // The pool is defined here, through ARM, because only ARM can give a pool a user-assigned identity: the
 // nodes use it to pull the worker image from ACR (AcrPull) and to read/write blobs (roles.bicep).
 // The pool autoscales from 0 nodes on $PendingTasks; the formula template is autoscale-formula.txt, the
@@ -12,7 +12,7 @@ param poolIdentityId string
 param registryLoginServer string
 param workerImage string
 
-@description('GPU VM size for the pool (one task per node). Needs Batch dedicated or spot core quota for its family.')
+@description('GPU VM size for the pool (one task per node). Needs dedicated core quota for its family in the Batch account.')
 param vmSize string = 'Standard_NC4as_T4_v3'
 
 @description('Upper bound of nodes the autoscale formula may ask for.')
@@ -20,13 +20,12 @@ param vmSize string = 'Standard_NC4as_T4_v3'
 @maxValue(100)
 param maxNodes int = 4
 
-@description('Use spot (low-priority) nodes instead of dedicated ones: cheaper, may be preempted (tasks are requeued).')
-param useSpot bool = false
-
 @description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2404 marketplace image (NVIDIA driver 580.173.02, CUDA 13.0, as the torch of the worker image needs).')
 param imageVersion string = '24.04.2026072901'
 
-var autoscaleFormula = format(loadTextContent('autoscale-formula.txt'), maxNodes, useSpot ? 1 : 0)
+// Dedicated nodes only ({1} = 0): a Batch-service-mode account can no longer get low-priority nodes (retired
+// 30 Sep 2025), and Spot nodes need an account in user-subscription mode (docs/deploy.md, "Spot nodes").
+var autoscaleFormula = format(loadTextContent('autoscale-formula.txt'), maxNodes, 0)
 
 resource batchAccount 'Microsoft.Batch/batchAccounts@2024-07-01' = {
   name: batchAccountName

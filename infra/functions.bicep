@@ -1,4 +1,4 @@
-// Function App on Flex Consumption (FC1, Linux, Python 3.11) with a user-assigned identity.
+// Function App on Flex Consumption (FC1, Linux, Python 3.12) with a user-assigned identity.
 // Every storage connection is identity-based (`__credential=managedidentity` + `__clientId`); there is
 // no connection string with a key anywhere. Runtime settings live in functionAppConfig (Flex Consumption
 // takes neither FUNCTIONS_WORKER_RUNTIME nor WEBSITE_RUN_FROM_PACKAGE).
@@ -38,6 +38,10 @@ param maximumInstanceCount int = 40
   4096
 ])
 param instanceMemoryMB int = 2048
+@description('Always-ready instances of the `durable` group (orchestrators, activities, entities). Microsoft recommends 1 for Durable Functions on Flex Consumption; each is billed at rest (docs/deploy.md). 0 = scale to zero, with cold starts.')
+@minValue(0)
+@maxValue(10)
+param durableAlwaysReadyInstanceCount int = 1
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
@@ -49,7 +53,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
     tier: 'FlexConsumption'
   }
   properties: {
-    // checkov:skip=CKV_AZURE_225: zone redundancy on Flex Consumption needs always-ready instances, a running cost this scale-to-zero app avoids
+    // checkov:skip=CKV_AZURE_225: zone-redundant Flex Consumption keeps at least two always-ready instances per group, doubling the durable group's baseline cost; a zone outage delays this batch pipeline but loses nothing, its Durable state lives in Storage
     reserved: true
   }
 }
@@ -68,7 +72,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   properties: {
     // checkov:skip=CKV_AZURE_222: public on purpose: Event Grid delivers blob events to the webhook and clients poll the status endpoint; both use function keys
     // checkov:skip=CKV_AZURE_17: client certificates would break Event Grid webhook delivery; callers authenticate with function/system keys over HTTPS
-    // checkov:skip=CKV_AZURE_212: Flex Consumption scales instances on demand (and to zero); a minimum instance count would be always-ready instances billed at rest
+    // checkov:skip=CKV_AZURE_212: siteConfig.numberOfWorkers does not apply to Flex Consumption, which scales per function group; the durable group keeps its always-ready instance (functionAppConfig.scaleAndConcurrency.alwaysReady)
     // checkov:skip=CKV_AZURE_213: no fixed instance pool to take unhealthy instances out of: Flex Consumption starts instances per demand; host health shows in Application Insights
     serverFarmId: plan.id
     httpsOnly: true
@@ -198,12 +202,23 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         }
       }
       scaleAndConcurrency: {
+        // Microsoft's guidance for Durable Functions on Flex Consumption: one always-ready instance for the
+        // `durable` group, so orchestrator and activity messages do not wait for a cold start (host.json
+        // caps the queue polling interval at 10 s for the same reason).
+        alwaysReady: [
+          {
+            name: 'durable'
+            instanceCount: durableAlwaysReadyInstanceCount
+          }
+        ]
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
       }
+      // The newest Python that Flex Consumption runs GA and that every pin in requirements.txt installs on
+      // (azure-functions 1.26.0 declares Python < 3.13). README and docs/deploy.md state it; a test checks.
       runtime: {
         name: 'python'
-        version: '3.11'
+        version: '3.12'
       }
     }
   }

@@ -21,7 +21,7 @@ param location string
 @description('Region of the Batch account and its GPU pool; empty = location. Pick one where you have GPU quota.')
 param batchLocation string = ''
 
-@description('Object id of the person (or CI principal) running azd, for upload/read rights on the data containers; empty = none.')
+@description('Object id of the person (or CI principal) running azd, for upload/read rights on the data containers and job rights on the Batch account; empty = none.')
 param principalId string = ''
 
 @allowed([
@@ -38,9 +38,6 @@ param batchVmSize string = 'Standard_NC4as_T4_v3'
 @maxValue(100)
 param batchMaxNodes int = 4
 
-@description('Use spot (low-priority) nodes instead of dedicated ones.')
-param batchUseSpot bool = false
-
 @description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2404 image for the pool (its NVIDIA driver must support CUDA 13.0, which the worker image uses).')
 param batchImageVersion string = '24.04.2026072901'
 
@@ -51,6 +48,11 @@ param workerImage string = ''
 @minValue(1)
 @maxValue(1000)
 param functionMaximumInstanceCount int = 40
+
+@description('Always-ready instances for the Durable Functions group (Microsoft recommends 1 on Flex Consumption; billed at rest, see docs/deploy.md). 0 = scale to zero.')
+@minValue(0)
+@maxValue(10)
+param durableAlwaysReadyInstances int = 1
 
 @description('Email address notified when a job fails (Azure Monitor alert); empty = the alert shows in the portal only.')
 param alertEmail string = ''
@@ -143,7 +145,6 @@ module batch 'batch.bicep' = {
     workerImage: batchWorkerImage
     vmSize: batchVmSize
     maxNodes: batchMaxNodes
-    useSpot: batchUseSpot
     imageVersion: batchImageVersion
   }
 }
@@ -188,6 +189,7 @@ module functions 'functions.bicep' = {
     poolIdentityClientId: identity.outputs.poolIdentityClientId
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
     maximumInstanceCount: functionMaximumInstanceCount
+    durableAlwaysReadyInstanceCount: durableAlwaysReadyInstances
   }
 }
 
@@ -210,6 +212,8 @@ module roles 'roles.bicep' = {
 // azd stores these in the environment (.azure/<env>/.env); the hook and docs/deploy.md use them.
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
+// The subscription this deployment went to: the hooks pass it to every `az` call, whatever az's default is.
+output AZURE_SUBSCRIPTION_ID string = subscription().subscriptionId
 output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_APP_NAME string = functions.outputs.functionAppName
 output AZURE_FUNCTION_APP_URL string = functions.outputs.functionAppUrl

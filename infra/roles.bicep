@@ -13,7 +13,11 @@
 //   work, logs            Storage Blob Data Contributor   (segments and the stitched video go to work;
 //                                                        the app publishes outputs, so the pool cannot overwrite them)
 //   registry              AcrPull
-// The person running `azd up` (optional, principalId from azd): upload to input/styles, read output.
+// The person running `azd up` (optional, principalId from azd):
+//   input, styles         Storage Blob Data Contributor   upload videos and style images
+//   output                Storage Blob Data Reader        download results
+//   Batch account         Azure Batch Job Submitter       list and delete jobs by hand (docs/batch.md); jobs are
+//                                                        data-plane objects, which Owner/Contributor do not cover
 
 param appPrincipalId string
 param poolPrincipalId string
@@ -243,6 +247,16 @@ resource userOutput 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!
   scope: outputContainer
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
+    principalId: userPrincipalId
+    principalType: userPrincipalType
+  }
+}
+
+resource userBatch 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
+  name: guid(batchAccount.id, userPrincipalId, roleIds.batchJobSubmitter)
+  scope: batchAccount
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.batchJobSubmitter)
     principalId: userPrincipalId
     principalType: userPrincipalType
   }

@@ -1,8 +1,9 @@
 """The Batch pool's autoscale formula, from the one template that infra/batch.bicep also uses.
 
 infra/autoscale-formula.txt holds the formula with two placeholders, `{0}` (most nodes) and `{1}`
-(1 for spot nodes, 0 for dedicated). Bicep fills it with `format(loadTextContent(...), maxNodes,
-useSpot ? 1 : 0)`; `autoscale_formula` fills it with `str.format`, so a pool the app creates or updates
+(1 for spot nodes, 0 for dedicated). Bicep fills it with `format(loadTextContent(...), maxNodes, 0)`:
+the template's Batch-service account has dedicated nodes only (spot needs a user-subscription account,
+docs/deploy.md); `autoscale_formula` fills it with `str.format`, so a pool the app creates or updates
 and the pool `azd up` creates scale the same way. tests/test_infra.py checks that both agree.
 
 What the formula does, evaluated every 5 minutes:

@@ -158,19 +158,233 @@ def test_checkov_skips_are_inline_with_a_reason():
         assert not (ROOT / name).exists() and not (INFRA / name).exists(), "no repo-wide checkov config"
 
 
-def test_postdeploy_hook_is_wired():
+HOOKS = {"posix": ("sh", "infra/hooks/postdeploy.sh"), "windows": ("pwsh", "infra/hooks/postdeploy.ps1")}
+
+
+def _azure_yaml_hooks() -> dict[str, dict[str, dict[str, str]]]:
+    """azure.yaml's `hooks:` block as {hook: {platform: {key: value}}} (the app's venv has no YAML parser)."""
+    lines = (ROOT / "azure.yaml").read_text(encoding="utf-8").splitlines()
+    start = lines.index("hooks:")
+    hooks: dict[str, dict[str, dict[str, str]]] = {}
+    hook = platform = None
+    for line in lines[start + 1 :]:
+        if line and not line.startswith(" ") and not line.startswith("#"):
+            break  # the next top-level key
+        if m := re.fullmatch(r"  (\w+):", line):
+            hook, platform = m.group(1), None
+            hooks[hook] = {}
+        elif m := re.fullmatch(r"    (\w+):", line):
+            platform = m.group(1)
+            hooks[hook][platform] = {}
+        elif m := re.fullmatch(r"      (\w+): (.+)", line):
+            assert platform, f"azure.yaml: {line!r} outside a platform block"
+            hooks[hook][platform][m.group(1)] = m.group(2).strip()
+    return hooks
+
+
+def _logical_lines(path: Path) -> list[str]:
+    """The script's lines without comments, continuations (`\\` in sh, a backtick in PowerShell) joined."""
+    cont = "\\" if path.suffix == ".sh" else "`"
+    out, pending = [], ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        if line.endswith(cont):
+            pending += line[: -len(cont)] + " "
+            continue
+        out.append(pending + line)
+        pending = ""
+    return out
+
+
+def test_postdeploy_hook_is_wired_for_posix_and_windows():
     azure_yaml = (ROOT / "azure.yaml").read_text(encoding="utf-8")
     assert re.search(r"^infra:\n(  .*\n)*  path: infra\n", azure_yaml, re.M)
     assert re.search(r"^\s+host: function$", azure_yaml, re.M)
     assert re.search(r"^\s+language: python$", azure_yaml, re.M)
-    assert re.search(r"^hooks:\n  postdeploy:\n", azure_yaml, re.M)
-    assert "run: infra/hooks/postdeploy.sh" in azure_yaml
-    hook = INFRA / "hooks" / "postdeploy.sh"
-    assert os.access(hook, os.X_OK)
-    text = hook.read_text(encoding="utf-8")
-    assert "az functionapp keys list" in text and "systemKeys.blobs_extension" in text
-    assert "eventgrid.bicep" in text
-    assert subprocess.run(["sh", "-n", str(hook)], check=False).returncode == 0
+    # azd refuses a hook with no entry for the OS it runs on ("run is always required"): both must be there.
+    hooks = _azure_yaml_hooks()
+    assert set(hooks) == {"postdeploy"}
+    assert set(hooks["postdeploy"]) == set(HOOKS)
+    for platform, (shell, run) in HOOKS.items():
+        entry = hooks["postdeploy"][platform]
+        assert entry == {"shell": shell, "run": run, "interactive": "false", "continueOnError": "false"}, entry
+        assert (ROOT / run).is_file(), run
+        text = (ROOT / run).read_text(encoding="utf-8")
+        assert "az functionapp keys list" in text and "systemKeys.blobs_extension" in text, run
+        assert "eventgrid.bicep" in text and "eventgrid-input-blob-created" in text, run
+        for name in ("POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS", "AZURE_SUBSCRIPTION_ID"):
+            assert name in text, f"{run} does not read {name}"
+    sh = ROOT / HOOKS["posix"][1]
+    assert os.access(sh, os.X_OK)
+    assert subprocess.run(["sh", "-n", str(sh)], check=False).returncode == 0
+    # The PowerShell twin: no sh-isms, balanced brackets, ASCII only (Windows PowerShell 5.1 reads a script
+    # without a byte order mark as ANSI, so anything else would be garbled).
+    ps1 = (ROOT / HOOKS["windows"][1]).read_text(encoding="utf-8")
+    assert ps1.isascii()
+    code = "\n".join(_logical_lines(ROOT / HOOKS["windows"][1]))
+    for sh_ism in ("set -e", "$(cat", "mktemp", "2>/dev/null", "fi\n", "done\n", "${AZURE"):
+        assert sh_ism not in code, f"postdeploy.ps1 has {sh_ism!r}"
+    for left, right in ("{}", "()", "[]"):
+        assert code.count(left) == code.count(right), f"postdeploy.ps1: unbalanced {left}{right}"
+    assert "$LASTEXITCODE" in code and "finally" in code
+
+
+def test_every_az_call_in_the_hooks_names_the_subscription():
+    # az's default subscription may differ from azd's; without --subscription the key lookup fails for
+    # every try and the hook ends up blaming function indexing.
+    for _, run in HOOKS.values():
+        calls = []
+        for line in _logical_lines(ROOT / run):
+            for m in re.finditer(r"(?<![\w.-])az\s+[a-z][a-z-]*\s", line):
+                rest = line[m.start() :]
+                nxt = re.search(r"(?<![\w.-])az\s+[a-z][a-z-]*\s", rest[2:])
+                call = rest if nxt is None else rest[: nxt.start() + 2]
+                calls.append(call)
+                assert re.search(r"--subscription[ =]\S", call), f"{run}: az call without --subscription: {call}"
+        assert len(calls) >= 3, f"{run}: expected the key lookup, the deployment and the hint, found {calls}"
+
+
+def _fake_az(tmp_path: Path, *, key_after: int, fail_with: str = "") -> tuple[Path, Path]:
+    """An `az` on PATH that logs its arguments and hands out the key from the `key_after`-th lookup on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "az.log"
+    az = bin_dir / "az"
+    az.write_text(
+        f"""#!/bin/sh
+printf '%s\\n' "$*" >> "{log}"
+case "$*" in
+  *"keys list"*)
+    n=$(grep -c "keys list" "{log}")
+    if [ -n "{fail_with}" ]; then echo "{fail_with}" >&2; exit 1; fi
+    if [ "$n" -ge {key_after} ]; then echo "k3y-Value_=="; else echo ""; fi ;;
+  *"deployment group create"*)
+    for a in "$@"; do case "$a" in @*) cp "${{a#@}}" "{tmp_path}/params.json";; esac; done ;;
+esac
+""",
+        encoding="utf-8",
+    )
+    az.chmod(0o755)
+    return bin_dir, log
+
+
+def _run_posix_hook(tmp_path: Path, bin_dir: Path, attempts: int = 5) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "AZURE_SUBSCRIPTION_ID": "00000000-1111-2222-3333-444444444444",
+        "AZURE_RESOURCE_GROUP": "rg-test",
+        "AZURE_FUNCTION_APP_NAME": "func-test",
+        "AZURE_FUNCTION_APP_HOSTNAME": "func-test.azurewebsites.net",
+        "EVENTGRID_SYSTEM_TOPIC_NAME": "evgt-test",
+        "POSTDEPLOY_KEY_ATTEMPTS": str(attempts),
+        "POSTDEPLOY_KEY_DELAY_SECONDS": "0",
+    }
+    return subprocess.run(
+        ["sh", str(ROOT / HOOKS["posix"][1])], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_posix_hook_waits_for_the_key_then_deploys_with_azds_subscription(tmp_path):
+    bin_dir, log = _fake_az(tmp_path, key_after=3)
+    proc = _run_posix_hook(tmp_path, bin_dir)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text(encoding="utf-8").splitlines()
+    assert [c.split(" --")[0] for c in calls] == ["functionapp keys list"] * 3 + ["deployment group create"]
+    assert all("--subscription 00000000-1111-2222-3333-444444444444" in c for c in calls), calls
+    assert "k3y" not in "".join(calls), "the key must not be on a command line"
+    params = json.loads((tmp_path / "params.json").read_text(encoding="utf-8"))["parameters"]
+    assert params == {
+        "systemTopicName": {"value": "evgt-test"},
+        "functionAppHostName": {"value": "func-test.azurewebsites.net"},
+        "blobsExtensionKey": {"value": "k3y-Value_=="},
+    }
+
+
+def test_posix_hook_shows_the_az_error_instead_of_blaming_indexing(tmp_path):
+    bin_dir, _ = _fake_az(tmp_path, key_after=1, fail_with="ERROR: (ResourceNotFound) The Resource was not found")
+    proc = _run_posix_hook(tmp_path, bin_dir, attempts=2)
+    assert proc.returncode == 1
+    assert "ResourceNotFound" in proc.stderr and "indexed" not in proc.stderr, proc.stderr
+    assert "--subscription 00000000-1111-2222-3333-444444444444" in proc.stderr
+
+
+def test_posix_hook_refuses_to_run_without_azds_subscription(tmp_path):
+    bin_dir, log = _fake_az(tmp_path, key_after=1)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["sh", str(ROOT / HOOKS["posix"][1])], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode != 0 and "AZURE_SUBSCRIPTION_ID" in proc.stderr
+    assert not log.exists()
+
+
+def test_durable_queue_polling_interval_is_at_most_10_seconds():
+    # Microsoft's guidance for Durable Functions on Flex Consumption (with the always-ready instance below).
+    durable = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))["extensions"]["durableTask"]
+    value = durable["storageProvider"]["maxQueuePollingInterval"]
+    m = re.fullmatch(r"(\d\d):(\d\d):(\d\d)", value)
+    assert m, f"maxQueuePollingInterval {value!r} is not hh:mm:ss"
+    hours, minutes, seconds = map(int, m.groups())
+    assert 0 < hours * 3600 + minutes * 60 + seconds <= 10
+
+
+FUNCIGNORE_MUST_LIST = {
+    ".git*",
+    ".venv*",
+    ".ci",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "node_modules",
+    "package*.json",
+    ".azure",
+    "__azurite_db*",
+    "__blobstorage__",
+    "__queuestorage__",
+    "AzuriteConfig",
+    "local.settings*.json",
+    "tests",
+    "benchmarks",
+    "docs",
+    "local",
+    "out",
+    "Makefile",
+    "requirements-dev.txt",
+    "requirements-infra.txt",
+    "gpu_worker/Dockerfile",
+    "infra/*",
+    "!infra/autoscale-formula.txt",
+}
+
+
+def test_funcignore_keeps_local_state_out_of_the_package_and_gitignore_keeps_azd_envs_out_of_git():
+    entries = [
+        line.strip()
+        for line in (ROOT / ".funcignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    missing = FUNCIGNORE_MUST_LIST - set(entries)
+    assert not missing, missing
+    # what the app imports at run time is not ignored
+    for needed in (
+        "function_app.py",
+        "host.json",
+        "requirements.txt",
+        "pipeline",
+        "orchestrators",
+        "activities",
+        "gpu_worker",
+        "*.py",
+    ):
+        assert needed not in entries, needed
+    # the un-ignore comes after the folder rule, or it has no effect
+    assert entries.index("!infra/autoscale-formula.txt") > entries.index("infra/*")
+    gitignore = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    assert ".azure/" in gitignore or ".azure" in gitignore
 
 
 def test_main_parameters_match_main_bicep():
@@ -329,11 +543,13 @@ def test_each_identity_has_exactly_its_roles():
             (ROLE["blob_contributor"], f"{CONTAINER}:logs"),  # no output: the app publishes results
             (ROLE["acr_pull"], "Microsoft.ContainerRegistry/registries:registryName"),
         },
-        # optional: the person running azd, to upload videos/styles and read results
+        # optional: the person running azd, to upload videos/styles, read results, and list/delete Batch
+        # jobs by hand (jobs are data-plane objects: Owner or Contributor on the account do not reach them)
         "userPrincipalId": {
             (ROLE["blob_contributor"], f"{CONTAINER}:input"),
             (ROLE["blob_contributor"], f"{CONTAINER}:styles"),
             (ROLE["blob_reader"], f"{CONTAINER}:output"),
+            (ROLE["batch_job_submitter"], "Microsoft.Batch/batchAccounts:batchAccountName"),
         },
     }
     assert _role_assignments() == expected
@@ -350,6 +566,10 @@ def test_each_identity_has_exactly_its_roles():
     assert accessor_chain(params["appPrincipalId"]) == ["identity", "outputs", "appIdentityPrincipalId"]
     assert accessor_chain(params["poolPrincipalId"]) == ["identity", "outputs", "poolIdentityPrincipalId"]
     assert params["userPrincipalId"] == "principalId"
+    # every grant to the deploying user is optional: nothing is assigned when azd does not know who runs it
+    for sym, res in resources("roles.bicep", "Microsoft.Authorization/roleAssignments").items():
+        if body(res)["properties"]["principalId"] == "userPrincipalId":
+            assert "condition" in res["config"], f"{sym}: the user's grant must be conditional"
     assert accessor_chain(params["dataAccountName"]) == ["storage", "outputs", "dataAccountName"]
     assert accessor_chain(params["runtimeAccountName"]) == ["storage", "outputs", "runtimeAccountName"]
 
@@ -430,9 +650,7 @@ def test_autoscale_formula_bicep_and_python_agree():
     assert load["type"] == "load_text_content"
     assert (INFRA / load["parameters"]["file_path"]).resolve() == TEMPLATE_PATH.resolve()
     assert fn["parameters"]["arg_1"] == "maxNodes"
-    spot = fn["parameters"]["arg_2"]["operator"]
-    assert spot["type"] == "conditional"
-    assert spot["operands"] == {"condition": "useSpot", "true_value": 1, "false_value": 0}
+    assert fn["parameters"]["arg_2"] == 0  # dedicated nodes only: see test_no_low_priority_nodes_...
     assert set(fn["parameters"]) == {"format_string", "arg_1", "arg_2"}
 
     # Bicep's format() is .NET String.Format: only {0} and {1} may be braces in the template,
@@ -512,7 +730,7 @@ def test_function_app_flex_consumption_identity_based_settings():
     props = site["properties"]
     assert props["httpsOnly"] is True
     config = props["functionAppConfig"]
-    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    assert config["runtime"] == {"name": "python", "version": FUNCTION_APP_PYTHON}
     assert config["deployment"]["storage"]["authentication"] == {
         "type": "UserAssignedIdentity",
         "userAssignedIdentityResourceId": "appIdentityId",
@@ -562,9 +780,102 @@ def test_main_outputs_what_the_app_and_azd_need():
     }
     assert needed <= set(outputs)
     assert accessor_chain(outputs["BATCH_ACCOUNT_URL"]["value"]) == ["batch", "outputs", "accountUrl"]
-    # the names the postdeploy hook reads are outputs (azd exports outputs to hooks)
-    hook = (INFRA / "hooks" / "postdeploy.sh").read_text(encoding="utf-8")
+    # the names the postdeploy hooks read are outputs (azd exports outputs to hooks), the subscription included:
+    # main.bicep outputs the one it deployed to, so the hooks' az calls go where the resources are
+    sub = outputs["AZURE_SUBSCRIPTION_ID"]["value"]["function"]
+    assert (sub["type"], sub["parameters"], sub["property_name"]) == (
+        "subscription",
+        {"subscription_id": None},
+        "subscriptionId",
+    )
     tunables = {"POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS"}
-    read = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", hook)) - tunables
-    assert read, "the hook reads azd environment values"
-    assert read <= set(outputs), read - set(outputs)
+    sh = (INFRA / "hooks" / "postdeploy.sh").read_text(encoding="utf-8")
+    ps1 = (INFRA / "hooks" / "postdeploy.ps1").read_text(encoding="utf-8")
+    read_sh = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", sh)) - tunables
+    read_ps1 = set(re.findall(r"Get-AzdValue '([A-Z][A-Z0-9_]+)'", ps1))
+    read_ps1 |= set(re.findall(r"\$env:([A-Z][A-Z0-9_]+)", ps1))
+    read_ps1 -= tunables
+    assert read_sh and read_sh == read_ps1, (read_sh, read_ps1)
+    assert "AZURE_SUBSCRIPTION_ID" in read_sh
+    assert read_sh <= set(outputs), read_sh - set(outputs)
+
+
+FUNCTION_APP_PYTHON = "3.12"  # Flex Consumption GA and every pin in requirements.txt (azure-functions 1.26.0: < 3.13)
+
+
+def _deploy_section_of_readme() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Deploy to Azure")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else len(readme)]
+
+
+@needs_infra_venv
+def test_function_app_python_is_the_documented_one():
+    runtime = one("functions.bicep", "Microsoft.Web/sites")["properties"]["functionAppConfig"]["runtime"]
+    assert runtime == {"name": "python", "version": FUNCTION_APP_PYTHON}
+    deploy_md = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    stated = set(re.findall(r"Flex Consumption \(FC1\), Python (3\.\d+)", deploy_md))
+    assert stated == {FUNCTION_APP_PYTHON}, f"docs/deploy.md states the app's Python as {stated}"
+    readme_versions = set(re.findall(r"Python (3\.\d+)", _deploy_section_of_readme()))
+    assert readme_versions == {FUNCTION_APP_PYTHON}, f"README's Deploy to Azure section says Python {readme_versions}"
+    # the pin that caps it: move both together
+    pin = re.search(r"^azure-functions==([\d.]+)$", (ROOT / "requirements.txt").read_text(encoding="utf-8"), re.M)
+    assert pin, "requirements.txt pins azure-functions"
+
+
+@needs_infra_venv
+def test_durable_group_has_an_always_ready_instance():
+    scale = one("functions.bicep", "Microsoft.Web/sites")["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+    ready = {entry["name"]: entry["instanceCount"] for entry in scale["alwaysReady"]}
+    assert set(ready) == {"durable"}, ready  # http and blob groups scale from zero
+    count = ready["durable"]
+    if isinstance(count, str):  # a parameter: its default, and what main.bicep and azd pass
+        assert param_default("functions.bicep", count) >= 1
+        params = tree("main.bicep")["modules"]["functions"]["config"]["params"]
+        main_param = params["durableAlwaysReadyInstanceCount"]
+        assert param_default("main.bicep", main_param) >= 1
+        azd = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+        m = re.fullmatch(r"\$\{DURABLE_ALWAYS_READY_INSTANCES=(\d+)\}", azd[main_param]["value"])
+        assert m and int(m.group(1)) >= 1, azd[main_param]
+    else:
+        assert count >= 1
+
+
+@needs_infra_venv
+def test_no_low_priority_nodes_in_a_batch_service_account():
+    # Low-priority nodes of Batch-service-mode accounts were retired on 30 Sep 2025 and Spot needs a
+    # user-subscription account: a Batch-service account must never ask for low-priority nodes.
+    account = one("batch.bicep", "Microsoft.Batch/batchAccounts")["properties"]
+    assert account["poolAllocationMode"] == "BatchService"
+    pool = one("batch.bicep", "Microsoft.Batch/batchAccounts/pools")["properties"]
+    assert "fixedScale" not in pool["scaleSettings"]
+    fn = tree("batch.bicep")["variables"]["autoscaleFormula"]["value"]["function"]
+    assert fn["parameters"]["arg_2"] == 0  # the template's {1}: $TargetLowPriorityNodes is always 0
+    for name in ("batch.bicep", "main.bicep"):
+        text = (INFRA / name).read_text(encoding="utf-8")
+        assert not re.search(r"targetLowPriorityNodes|useSpot|UseSpot", text), name
+    assert "BATCH_USE_SPOT" not in (INFRA / "main.parameters.json").read_text(encoding="utf-8")
+    for doc in ("docs/deploy.md", "docs/batch.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert "BATCH_USE_SPOT" not in text, f"{doc} still offers BATCH_USE_SPOT"
+
+
+@needs_infra_venv
+def test_pool_image_version_is_the_documented_one():
+    version = param_default("batch.bicep", "imageVersion")
+    assert param_default("main.bicep", "batchImageVersion") == version
+    azd = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    assert azd["batchImageVersion"]["value"] == "${BATCH_IMAGE_VERSION=" + version + "}"
+    for doc in ("docs/deploy.md", "docs/batch.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        assert version in text, f"{doc} does not state the pool image version {version}"
+        assert not re.search(r"ubuntu-hpc[:/]2204|22\.04\.\d{10}", text), f"{doc} still names the 22.04 image"
+    # the pairing docs/batch.md states: this node image's driver for the worker image's CUDA build of torch
+    batch_md = (ROOT / "docs" / "batch.md").read_text(encoding="utf-8")
+    torch_pin = re.search(
+        r"^torch==([\d.]+)", (ROOT / "gpu_worker" / "requirements.txt").read_text(encoding="utf-8"), re.M
+    )
+    if torch_pin:
+        assert f"torch {torch_pin.group(1)}" in batch_md, "docs/batch.md names another torch than the worker image's"
+    assert "CUDA 13.0" in batch_md and "580" in batch_md

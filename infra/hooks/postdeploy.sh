@@ -1,16 +1,20 @@
 #!/bin/sh
-# azd postdeploy hook: subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the
-# `input` container (infra/eventgrid.bicep, a deployment of its own in the environment's resource group).
+# azd postdeploy hook (Linux, macOS, WSL; infra/hooks/postdeploy.ps1 is the Windows twin, keep them in step):
+# subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the `input` container
+# (infra/eventgrid.bicep, a deployment of its own in the environment's resource group).
 #
 # Why here and not in main.bicep: the webhook URL carries the Function App's `blobs_extension` system
 # key, which exists only once the deployed code has started, and Event Grid calls the endpoint to
 # validate it while it creates the subscription. main.bicep provisions the system topic; this adds the
 # subscription. Re-running it (every `azd deploy`) updates the same subscription in place.
 #
-# azd passes the environment's values (main.bicep outputs) as environment variables.
+# azd passes the environment's values (main.bicep outputs) as environment variables. Every `az` call names
+# the environment's subscription: az's own default subscription may be another one, and then the key
+# lookup would fail as "not found" for every try.
 set -eu
 
-: "${AZURE_RESOURCE_GROUP:?not set: run through azd (azd up / azd deploy) or export the azd env values}"
+: "${AZURE_SUBSCRIPTION_ID:?not set: run through azd (azd up / azd deploy) or export the azd env values}"
+: "${AZURE_RESOURCE_GROUP:?not set: run through azd}"
 : "${AZURE_FUNCTION_APP_NAME:?not set: run through azd}"
 : "${AZURE_FUNCTION_APP_HOSTNAME:?not set: run through azd}"
 : "${EVENTGRID_SYSTEM_TOPIC_NAME:?not set: run through azd}"
@@ -19,29 +23,39 @@ infra_dir=$(cd "$(dirname "$0")/.." && pwd)
 attempts=${POSTDEPLOY_KEY_ATTEMPTS:-30}
 delay=${POSTDEPLOY_KEY_DELAY_SECONDS:-10}
 
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+chmod 700 "$work"
+
 echo "postdeploy: waiting for the blobs_extension system key of $AZURE_FUNCTION_APP_NAME"
 key=""
 n=0
 while :; do
     n=$((n + 1))
     # Listing keys also wakes the host, which creates the key when it loads the blob extension.
-    key=$(az functionapp keys list --resource-group "$AZURE_RESOURCE_GROUP" --name "$AZURE_FUNCTION_APP_NAME" \
-        --query "systemKeys.blobs_extension" --output tsv 2>/dev/null || true)
+    key=$(az functionapp keys list --subscription "$AZURE_SUBSCRIPTION_ID" --resource-group "$AZURE_RESOURCE_GROUP" \
+        --name "$AZURE_FUNCTION_APP_NAME" --query "systemKeys.blobs_extension" --output tsv 2>"$work/err" || true)
     if [ -n "$key" ] && [ "$key" != "None" ]; then
         break
     fi
     if [ "$n" -ge "$attempts" ]; then
-        echo "postdeploy: no blobs_extension key after $attempts tries. Is on_video_uploaded indexed?" >&2
-        echo "  az functionapp function list -g $AZURE_RESOURCE_GROUP -n $AZURE_FUNCTION_APP_NAME -o table" >&2
+        echo "postdeploy: no blobs_extension key after $attempts tries." >&2
+        if [ -s "$work/err" ]; then
+            # An az error (sign-in, wrong subscription, no access) is the cause, not indexing: show it.
+            echo "  last az error:" >&2
+            sed 's/^/    /' "$work/err" >&2
+        else
+            echo "  Is on_video_uploaded indexed? See the functions the host loaded:" >&2
+        fi
+        echo "  az functionapp function list --subscription $AZURE_SUBSCRIPTION_ID -g $AZURE_RESOURCE_GROUP -n $AZURE_FUNCTION_APP_NAME -o table" >&2
         exit 1
     fi
     sleep "$delay"
 done
 
 # The key goes through a parameters file readable by this user only, not the command line.
-params=$(mktemp)
-trap 'rm -f "$params"' EXIT INT TERM
-chmod 600 "$params"
+params="$work/params.json"
 cat >"$params" <<JSON
 {
   "\$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#",
@@ -56,6 +70,7 @@ JSON
 
 echo "postdeploy: creating Event Grid subscription input-blob-created on $EVENTGRID_SYSTEM_TOPIC_NAME"
 az deployment group create \
+    --subscription "$AZURE_SUBSCRIPTION_ID" \
     --resource-group "$AZURE_RESOURCE_GROUP" \
     --name "eventgrid-input-blob-created" \
     --template-file "$infra_dir/eventgrid.bicep" \
