@@ -7,9 +7,9 @@ thread pool through the worker's JSON round trip, records timers and completions
 ``isDone``.  ``local.durable_client_api`` serves the HTTP management API that
 ``DurableOrchestrationClient`` talks to, so client code (HTTP / blob-trigger functions) runs unchanged.
 
-One instance's replay loop is :class:`local.durable_driver.Driver`; the protocol's numbers, event shapes and
-the per-instance state are in ``local.durable_state``. Protocol facts used here are listed in
-shared/notes/durable-host-protocol.md.
+One instance's replay loop is :class:`local.durable_driver.Driver`; how the extension numbers and starts work
+is :class:`local.durable_shim.Shim`; the protocol's numbers, event shapes and the per-instance state are in
+``local.durable_state``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import datetime as dt
 import inspect
 import json
 import math
+import os
 import threading
 import time
 import traceback
@@ -29,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from azure.functions._durable_functions import df_dumps, df_loads
+from azure.functions import meta
+from azure.functions._durable_functions import df_dumps
+from azure.functions.durable_functions import ActivityTriggerConverter
 
 from local.durable_driver import Driver
 from local.durable_state import (
@@ -111,6 +114,11 @@ class LocalDurableHost:
     or sub-orchestration in flight (a timeout never beats work that is still running; a timer racing
     an external event fires at once).  Whenever a timer fires early, that orchestration's clock
     (``current_utc_datetime``) jumps to its fire time, so time-based loops still end.
+
+    ``event_seed`` (default: the ``DURABLE_EVENT_SEED`` environment variable, else none) turns on seeded
+    random delivery: events that are ready together reach the orchestrator in a random order and in random
+    batches, and retry timers may fire while other work runs (see ``local.durable_driver``).  Without a seed,
+    events go in the order they arrived.  Task ids are the extension's either way (``local.durable_shim``).
     """
 
     def __init__(
@@ -121,9 +129,13 @@ class LocalDurableHost:
         clock: Callable[[], dt.datetime] | None = None,
         timer_scale: float = 1.0,
         task_hub: str = "LocalTaskHub",
+        event_seed: int | None = None,
     ) -> None:
         if timer_scale < 0:
             raise ValueError("timer_scale must be >= 0")
+        if event_seed is None and os.environ.get("DURABLE_EVENT_SEED", "").strip():
+            event_seed = int(os.environ["DURABLE_EVENT_SEED"])
+        self.event_seed = event_seed
         self.app = app
         self.task_hub = task_hub
         self.timer_scale = float(timer_scale)
@@ -205,14 +217,19 @@ class LocalDurableHost:
         return status
 
     def terminate(self, instance_id: str, reason: str, recursive: bool = True) -> bool:
-        """Terminate a Pending/Running instance (and, by default, its running sub-orchestrations).
+        """Ask a Pending/Running instance (and, by default, its sub-orchestrations) to terminate.
 
-        Returns False when the instance had already finished.  Pending timers are dropped, no further
-        episodes run; activities already running finish but their results are ignored.
+        As in the extension, this queues a message: the instance becomes Terminated at its next episode
+        boundary, so an episode in progress (or one for events that arrived before the request) still runs
+        and its work still starts; poll :meth:`status` or :meth:`wait`.  Returns False when the instance
+        had already finished.  Afterwards timers are dropped and results of running work are ignored.
         """
         with self._lock:
             inst = self._get(instance_id)
-            return self._terminate(inst, reason, recursive)
+            if inst.runtime_status not in ACTIVE_STATUSES:
+                return False
+            inst.inbox.put(("terminate", reason, recursive))
+            return True
 
     def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
         """Deliver an external event; the orchestrator receives ``data`` after a df_dumps/df_loads trip."""
@@ -327,18 +344,17 @@ class LocalDurableHost:
                              daemon=True).start()
             return inst
 
-    def _terminate(self, inst: Instance, reason: str, recursive: bool) -> bool:
+    def _terminate_now(self, inst: Instance, reason: str, recursive: bool) -> None:
+        """The driver reached a terminate request (caller holds the lock)."""
         if inst.runtime_status not in ACTIVE_STATUSES:
-            return False
+            return
         inst.history.append(history_event(EXECUTION_TERMINATED, Input=json.dumps(reason),
-                                   Timestamp=ts(self._now(inst))))
+                                          Timestamp=ts(self._now(inst))))
         self._finish(inst, "Terminated", reason, failure=(f"Instance terminated: {reason}", ""))
-        inst.stop = True
-        inst.inbox.put(("wake",))
         if recursive:
             for child in inst.children:
-                self._terminate(child, reason, recursive)
-        return True
+                if child.runtime_status in ACTIVE_STATUSES:
+                    child.inbox.put(("terminate", reason, recursive))
 
     def _raise_event_json(self, instance_id: str, name: str, input_json: str | None) -> None:
         with self._lock:
@@ -393,13 +409,11 @@ class LocalDurableHost:
             reason = f"The function '{name}' doesn't exist, is disabled, or is not an activity function."
             inst.inbox.put(("task", generation, task_id, False, (reason, "")))
             return
-        try:
-            try:  # ActivityTriggerConverter.decode: JSON, falling back to the raw string
-                value = df_loads(input_json) if input_json is not None else None
-            except json.JSONDecodeError:
-                value = input_json
+        try:  # the worker's own converter both ways (JSON, or the raw string when it is not JSON)
+            datum = meta.Datum("null" if input_json is None else input_json, "json")
+            value = ActivityTriggerConverter.decode(datum, trigger_metadata=None)
             result = entry.fn(**{entry.binding: value}) if entry.pass_by_keyword else entry.fn(value)
-            result_json = df_dumps(self._async.run(result))  # ActivityTriggerConverter.encode
+            result_json = ActivityTriggerConverter.encode(self._async.run(result), expected_type=None).value
             inst.inbox.put(("task", generation, task_id, True, result_json))
         except Exception as exc:
             reason = f"Activity function '{name}' failed: {type(exc).__name__}: {exc}"

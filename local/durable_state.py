@@ -1,7 +1,5 @@
 """The Durable protocol as the local host speaks it: history event and action numbers, event shapes, the
 per-instance state the host keeps, and the host's errors.
-
-Protocol facts used here are listed in shared/notes/durable-host-protocol.md.
 """
 
 from __future__ import annotations
@@ -11,9 +9,11 @@ import datetime as dt
 import json
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from local.durable_shim import Shim
 
 UTC = dt.UTC
 TERMINAL_STATUSES = frozenset({"Completed", "Failed", "Terminated"})
@@ -23,7 +23,7 @@ CUSTOM_STATUS_LIMIT_BYTES = 16 * 1024  # UTF-16 size, as the extension measures 
 OUT_OF_PROC_MARKER = "\n\n$OutOfProcData$:"
 
 # History EventType numbers (azure/durable_functions/models/history/HistoryEventType.py).
-EXECUTION_STARTED, EXECUTION_TERMINATED = 0, 3
+EXECUTION_STARTED, EXECUTION_COMPLETED, EXECUTION_TERMINATED = 0, 1, 3
 TASK_SCHEDULED, TASK_COMPLETED, TASK_FAILED = 4, 5, 6
 SUB_CREATED, SUB_COMPLETED, SUB_FAILED = 7, 8, 9
 TIMER_CREATED, TIMER_FIRED = 10, 11
@@ -79,6 +79,22 @@ def history_event(event_type: int, event_id: int = -1, **fields: Any) -> dict[st
     return {"EventType": event_type, "EventId": event_id, "IsPlayed": False, "Timestamp": "", **fields}
 
 
+def execution_started(name: str, instance_id: str, execution_id: str, input_token: Any, generation: int,
+                      parent: Parent | None = None) -> dict[str, Any]:
+    """ExecutionStarted with every field DTFx writes (the SDK reads Name/Version/Input; the rest keeps the
+    shape real: ParentInstance for sub-orchestrations, Generation counting continue-as-new)."""
+    parent_instance = None if parent is None else {
+        "Name": parent.instance.name, "Version": "", "TaskScheduleId": parent.task_id,
+        "OrchestrationInstance": {"InstanceId": parent.instance.instance_id, "ExecutionId": parent.execution_id},
+    }
+    return history_event(
+        EXECUTION_STARTED, Name=name, Version="",
+        Input=None if input_token is None else json.dumps(input_token),  # the JSON token, as text
+        OrchestrationInstance={"InstanceId": instance_id, "ExecutionId": execution_id},
+        ParentInstance=parent_instance, Tags=None, Correlation=None, ParentTraceContext=None,
+        ScheduledStartTime=None, Generation=generation)
+
+
 def flatten_actions(actions: Any) -> list[dict[str, Any]]:
     """Flatten V1 (list of lists) / V2+V3 (``[[...]]`` with compound task_all/task_any) action lists."""
     out: list[dict[str, Any]] = []
@@ -131,28 +147,18 @@ def parse_time(value: str) -> dt.datetime:
 
 
 @dataclass
-class Retry:
-    kind: int  # CALL_ACTIVITY or CALL_SUB
-    name: str
-    input: str | None
-    instance_id: str | None
-    first_interval: dt.timedelta
-    max_attempts: int
-    attempts: int = 1
-
-
-@dataclass
 class Timer:
     fire_at: dt.datetime
     deadline: float  # time.monotonic() at which it fires (scaled); inf in virtual-time mode
-    retry: Retry | None = None
+    retry: bool = False  # the wait after a failed attempt of a retried call
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the driver picks items out of the ready list
 class Ready:
+    """An event waiting to be delivered in an episode; ``terminate`` marks a terminate request."""
+
     event: dict[str, Any]
-    allocates: bool = False  # delivering it makes the SDK take the next task id (retry bookkeeping)
-    hook: Callable[[], None] | None = None
+    terminate: tuple[str, bool] | None = None  # (reason, recursive)
 
 
 @dataclass
@@ -161,22 +167,14 @@ class Execution:
 
     generation: int
     input_token: Any
+    execution_id: str
+    shim: Shim
     history: list[dict[str, Any]] = field(default_factory=list)
     played: int = 0
-    next_id: int = 0
-    scheduled: list[tuple[tuple[int, str | None], int | None]] = field(default_factory=list)
     task_kind: dict[int, int] = field(default_factory=dict)  # task id -> CALL_ACTIVITY / CALL_SUB
-    retry_of: dict[int, Retry] = field(default_factory=dict)
     timers: dict[int, Timer] = field(default_factory=dict)
     ready: list[Ready] = field(default_factory=list)
-    post_events: list[dict[str, Any]] = field(default_factory=list)
-    dispatch: list[Callable[[], None]] = field(default_factory=list)
     in_flight: set[int] = field(default_factory=set)  # activities / sub-orchestrations running
-
-    def allocate(self) -> int:
-        task_id = self.next_id
-        self.next_id += 1
-        return task_id
 
 
 @dataclass
@@ -184,6 +182,7 @@ class Parent:
     instance: Instance
     generation: int
     task_id: int
+    execution_id: str = ""
 
 
 @dataclass
@@ -199,6 +198,7 @@ class Instance:
     last_updated: dt.datetime | None = None
     skew: dt.timedelta = dt.timedelta(0)
     generation: int = 0
+    execution_id: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     inbox: queue.Queue = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)

@@ -4,6 +4,11 @@ Deterministic by construction: it reads only its input, activity results and con
 names and counts (the plan itself lives in storage). History stays bounded for long videos: segments are
 submitted in chunks of 100 per activity, one poll activity per tick covers every task, and the monitor loop
 continues-as-new every ``TICKS_PER_EXECUTION`` ticks.
+
+Everything the orchestration must remember across continue-as-new is one JSON dict, ``state``: when it
+started, the plan's summary (``prepared``), each segment's attempt, the stitch attempt, the monitor's tick
+count and the telemetry stage clock. The helpers below read it and return new values; only the
+orchestrator function itself assigns to it.
 """
 
 from __future__ import annotations
@@ -38,107 +43,138 @@ def stylize_video(context: df.DurableOrchestrationContext):
         telemetry.job_failed(context, {"kind": "input", "message": rejected["message"]})
         raise InputError(rejected["message"])
     job, options = args["job"], args["options"]
+    state = args.get("state") or {"started": context.current_utc_datetime.isoformat(), "attempts": {}, "ticks": 0}
     retry = df.RetryOptions(round(1000 * options["activity_retry_seconds"]), options["activity_attempts"])
 
-    def call(activity: str, payload: dict):
+    def call(activity: str, payload: dict) -> df.Task:
         return context.call_activity_with_retry(activity, retry, payload)
 
-    state = args.get("state") or {}
-    prepared = state.get("prepared")
-    started = state.get("started") or context.current_utc_datetime.isoformat()
-
-    def report(stage: str, poll: dict | None = None, error: dict | None = None) -> None:
-        context.set_custom_status(job_status(stage, job, prepared, poll, started,
-                                             context.current_utc_datetime, error))
-        telemetry.job_stage(context, stage, state)  # stage durations, kept in state; records only when live
-
-    def info(message: str, *values) -> None:
-        if not context.is_replaying:
-            log.info("job %s: " + message, job["job_id"], *values)
-
     try:
-        if prepared is None:
-            report("probing")
-            prepared = _unless_bad_input((yield call("prepare_job", job)))
-            info("%d segments planned", prepared["segments"])
-            report("scoring")
-            pairs = [(i, 0) for i in range(prepared["segments"])]
-            yield context.task_all([
-                call("submit_segments", {"job": job, "segments": pairs[i:i + SUBMIT_CHUNK]})
-                for i in range(0, len(pairs), SUBMIT_CHUNK)
-            ])
-            state = {**state, "prepared": prepared, "started": started, "attempts": {}, "ticks": 0}
+        if "prepared" not in state:
+            state["stages"] = _report(context, job, state, "probing")
+            state["prepared"] = _unless_bad_input((yield call("prepare_job", job)))
+            _info(context, job, "%d segments planned", state["prepared"]["segments"])
+            state["stages"] = _report(context, job, state, "scoring")
+            yield from _submit_all(context, job, state["prepared"]["segments"], options)
 
-        total, attempts = prepared["segments"], state["attempts"]
+        total = state["prepared"]["segments"]
         while "stitch_attempt" not in state:
-            poll = yield call("poll_tasks", {"job": job, "total": total, "attempts": attempts, "stitch_attempt": None})
-            retries = []
-            for failed in poll["failed"]:
-                index, attempt = failed["segment"], failed["attempt"]
-                reason = (failed.get("error") or "").strip().splitlines()
-                reason = reason[-1] if reason else f"exit status {failed.get('exit_code')}"
-                if failed.get("exit_code") == BAD_INPUT_EXIT:
-                    raise InputError(_strip_error_prefix(reason))
-                if attempt + 1 >= options["max_attempts"]:
-                    raise JobFailed(f"segment {index} failed {attempt + 1} times; last error: {reason}")
-                attempts[str(index)] = attempt + 1
-                retries.append((index, attempt + 1))
-                info("segment %d attempt %d failed (%s); retrying", index, attempt, reason)
+            poll = yield call("poll_tasks", {"job": job, "total": total, "attempts": state["attempts"],
+                                             "stitch_attempt": None})
+            retries = _segments_to_retry(poll["failed"], options["max_attempts"])
             if retries:
-                yield call("submit_segments", {"job": job, "segments": retries})
-            report("scoring", poll)
+                for index, attempt, reason in retries:
+                    _info(context, job, "segment %d attempt %d failed (%s); retrying", index, attempt - 1, reason)
+                state["attempts"] = {**state["attempts"], **{str(i): a for i, a, _ in retries}}
+                yield call("submit_segments", {"job": job, "segments": [(i, a) for i, a, _ in retries]})
+            state["stages"] = _report(context, job, state, "scoring", poll)
             if poll["succeeded"] == total:
-                state["frames"] = poll["frames_done"]
-                state["stitch_attempt"] = 0
+                state["frames"], state["stitch_attempt"] = poll["frames_done"], 0
                 break
-            yield from _sleep(context, options["poll_seconds"])
+            yield _sleep(context, options["poll_seconds"])
             state["ticks"] += 1
             if state["ticks"] % TICKS_PER_EXECUTION == 0:
                 context.continue_as_new({**args, "state": state})
                 return None
 
-        report("stitching", {"succeeded": total, "frames_done": state["frames"]})
+        done = {"succeeded": total, "frames_done": state["frames"]}
+        state["stages"] = _report(context, job, state, "stitching", done)
         while True:
             attempt = state["stitch_attempt"]
             yield call("submit_stitch", {"job": job, "total": total, "attempt": attempt})
             stitch = {"state": "pending"}
             while stitch["state"] in ("pending", "running"):
-                yield from _sleep(context, options["poll_seconds"])
+                yield _sleep(context, options["poll_seconds"])
                 poll = yield call("poll_tasks", {"job": job, "total": 0, "attempts": {}, "stitch_attempt": attempt})
                 stitch = poll["stitch"]
             if stitch["state"] == "succeeded":
                 break
-            reason = (stitch.get("error") or "unknown error").strip().splitlines()[-1]
-            if stitch.get("exit_code") == BAD_INPUT_EXIT:
-                raise InputError(_strip_error_prefix(reason))
-            if attempt + 1 >= options["max_attempts"]:
-                raise JobFailed(f"stitching failed {attempt + 1} times; last error: {reason}")
-            state["stitch_attempt"] = attempt + 1
+            state["stitch_attempt"] = _next_attempt("stitching", stitch, attempt, options["max_attempts"])
 
-        report("finishing", {"succeeded": total, "frames_done": state["frames"]})
-        elapsed = (context.current_utc_datetime - dt.datetime.fromisoformat(started)).total_seconds()
-        summary = {"frames": (stitch.get("summary") or {}).get("frames", state["frames"]), "segments": total,
-                   "seconds": round(elapsed, 1), "audio": (stitch.get("summary") or {}).get("audio"),
-                   "retries": sum(attempts.values()) + state["stitch_attempt"]}
+        state["stages"] = _report(context, job, state, "finishing", done)
+        summary = _summary(context, state, stitch.get("summary") or {})
         _unless_bad_input((yield call("finalize_job", {"job": job, "summary": summary})))
         try:  # published: the job has succeeded, whatever happens to its scratch files now
             yield call("cleanup_job", {"job": job, "reason": "completed"})
         except Exception:
-            info("cleanup after success failed; its end record says what is left")
-        report("completed", {"succeeded": total, "frames_done": state["frames"]})
-        info("completed: %d frames in %.0f s", summary["frames"], elapsed)
-        telemetry.job_completed(context, summary, state)
+            _info(context, job, "cleanup after success failed; its end record says what is left")
+        state["stages"] = _report(context, job, state, "completed", done)
+        _info(context, job, "completed: %d frames in %.0f s", summary["frames"], summary["seconds"])
+        telemetry.job_completed(context, summary, state.get("stages"))
         return {"job_id": job["job_id"], "output": job["output_name"], **summary}
     except Exception as exc:
         error = failure(exc)
-        report("failed", error=error)
-        info("failed: %s", error["message"])
-        telemetry.job_failed(context, error, state)
+        state["stages"] = _report(context, job, state, "failed", error=error)
+        _info(context, job, "failed: %s", error["message"])
+        telemetry.job_failed(context, error, state.get("stages"))
         try:
             yield call("cleanup_job", {"job": job, "reason": "failed"})
         except Exception:  # the job's own failure is the one to report
-            info("cleanup after failure failed too")
+            _info(context, job, "cleanup after failure failed too")
         raise (InputError if error["kind"] == "input" else JobFailed)(error["message"]) from None
+
+
+def _submit_all(context: df.DurableOrchestrationContext, job: dict, segments: int, options: dict):
+    """Every segment's first task, in chunks of ``SUBMIT_CHUNK`` submitted in parallel.
+
+    Retried here, round by round, rather than with ``call_activity_with_retry``: the retry timers of several
+    calls inside one ``task_all`` take task ids the Python SDK does not expect, and after a failure the next
+    task can receive another one's result (tests/test_durable_host.py shows it). Submitting is idempotent
+    (task ids), so a round simply sends every chunk again.
+    """
+    pairs = [(i, 0) for i in range(segments)]
+    chunks = [{"job": job, "segments": pairs[i:i + SUBMIT_CHUNK]} for i in range(0, len(pairs), SUBMIT_CHUNK)]
+    for attempt in range(1, options["activity_attempts"] + 1):
+        try:
+            yield context.task_all([context.call_activity("submit_segments", chunk) for chunk in chunks])
+            return
+        except Exception:
+            if attempt == options["activity_attempts"]:
+                raise
+        yield _sleep(context, options["activity_retry_seconds"])
+
+
+def _report(context: df.DurableOrchestrationContext, job: dict, state: dict, stage: str,
+            poll: dict | None = None, error: dict | None = None) -> dict:
+    """Show ``stage`` in the job's status; returns the telemetry stage clock to keep in ``state``."""
+    context.set_custom_status(job_status(stage, job, state.get("prepared"), poll, state["started"],
+                                         context.current_utc_datetime, error))
+    return telemetry.job_stage(context, stage, state.get("stages"))
+
+
+def _segments_to_retry(failed: list[dict], max_attempts: int) -> list[tuple[int, int, str]]:
+    """(segment, next attempt, reason) for each failed segment task; raises when a failure is final (bad
+    input, or the last attempt)."""
+    retries = []
+    for task in failed:
+        attempt = _next_attempt(f"segment {task['segment']}", task, task["attempt"], max_attempts)
+        retries.append((task["segment"], attempt, _reason(task)))
+    return retries
+
+
+def _next_attempt(what: str, task: dict, attempt: int, max_attempts: int) -> int:
+    """The attempt after a failed ``attempt`` of a task; raises when there is none worth making."""
+    reason = _reason(task)
+    if task.get("exit_code") == BAD_INPUT_EXIT:  # the worker's one-line reason is the whole message
+        raise InputError(reason.removeprefix("error: ").strip())
+    if attempt + 1 >= max_attempts:
+        raise JobFailed(f"{what} failed {attempt + 1} times; last error: {reason}")
+    return attempt + 1
+
+
+def _reason(task: dict) -> str:
+    lines = (task.get("error") or "").strip().splitlines()
+    return lines[-1] if lines else f"exit status {task.get('exit_code')}"
+
+
+def _summary(context: df.DurableOrchestrationContext, state: dict, stitched: dict) -> dict:
+    elapsed = (context.current_utc_datetime - dt.datetime.fromisoformat(state["started"])).total_seconds()
+    return {"frames": stitched.get("frames", state["frames"]), "segments": state["prepared"]["segments"],
+            "seconds": round(elapsed, 1), "audio": stitched.get("audio"),
+            "retries": sum(state["attempts"].values()) + state["stitch_attempt"],
+            # what came through of the source, and what was dropped and why, per track (issue 16)
+            "tracks": stitched.get("tracks", []), "video": stitched.get("video"),
+            "chapters": stitched.get("chapters", 0), "metadata": stitched.get("metadata", {})}
 
 
 def _unless_bad_input(result: dict) -> dict:
@@ -148,9 +184,10 @@ def _unless_bad_input(result: dict) -> dict:
     return result
 
 
-def _sleep(context: df.DurableOrchestrationContext, seconds: float):
-    yield context.create_timer(context.current_utc_datetime + dt.timedelta(seconds=seconds))
+def _sleep(context: df.DurableOrchestrationContext, seconds: float) -> df.Task:
+    return context.create_timer(context.current_utc_datetime + dt.timedelta(seconds=seconds))
 
 
-def _strip_error_prefix(line: str) -> str:
-    return line.removeprefix("error: ").strip()
+def _info(context: df.DurableOrchestrationContext, job: dict, message: str, *values: object) -> None:
+    if not context.is_replaying:
+        log.info("job %s: " + message, job["job_id"], *values)

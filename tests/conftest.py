@@ -21,6 +21,17 @@ DEV_ACCOUNT = "devstoreaccount1"
 DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--durable-event-seed", type=int, default=None,
+                     help="run every LocalDurableHost with this seed for random event delivery (DURABLE_EVENT_SEED)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    seed = config.getoption("--durable-event-seed")
+    if seed is not None:  # read by LocalDurableHost when it is given no event_seed
+        os.environ["DURABLE_EVENT_SEED"] = str(seed)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep converted weights out of the developer's home; shared by the whole run (and worker processes)."""

@@ -21,6 +21,7 @@ from local.durable_host import (
     UnknownFunctionError,
     close_client_session,
 )
+from orchestrators import stylize_video as stylize_module
 
 app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
@@ -77,6 +78,17 @@ def gate(key: str) -> str:
 @app.activity_trigger(input_name="key")
 def record(key: str) -> str:
     RECORDED.append(key)
+    return key
+
+
+@app.activity_trigger(input_name="key")
+def gate_then_fail(key: str) -> str:
+    """The first call waits for its gate and fails; later calls succeed."""
+    COUNTERS[key] += 1
+    if COUNTERS[key] == 1:
+        ENTERED[key].set()
+        GATES[key].wait(10)
+        raise RuntimeError(f"{key} failed once")
     return key
 
 
@@ -147,6 +159,50 @@ def gated(context: df.DurableOrchestrationContext):
 
 
 @app.orchestration_trigger(context_name="context")
+def paused_episode(context: df.DurableOrchestrationContext):
+    key = context.get_input()
+    yield context.call_activity("hello", key)
+    if not context.is_replaying:  # hold this episode open while the test asks for termination
+        ENTERED[f"{key}-episode"].set()
+        GATES[f"{key}-episode"].wait(10)
+    yield context.call_activity("record", key)
+    yield context.wait_for_external_event("never sent")
+    return "not reached"
+
+
+@app.orchestration_trigger(context_name="context")
+def schedule_then_raise(context: df.DurableOrchestrationContext):
+    yield context.wait_for_external_event("ready")
+    started = context.call_activity("record", context.get_input())
+    # "cancel" was raised before anyone waited for it: both the SDK and the extension hold it, so this
+    # task_any completes in the episode that starts `record`, and the orchestrator raises in that episode.
+    yield context.task_any([started, context.wait_for_external_event("cancel")])
+    raise ValueError("gave up")
+
+
+@app.orchestration_trigger(context_name="context")
+def retries_in_task_all(context: df.DurableOrchestrationContext):
+    options = RetryOptions(first_retry_interval_in_milliseconds=1000, max_number_of_attempts=3)
+    try:
+        results = yield context.task_all([context.call_activity_with_retry("explode", options, "always"),
+                                          context.call_activity_with_retry("gate_then_fail", options,
+                                                                           context.get_input())])
+    except Exception:
+        context.set_custom_status("task_all failed")
+        after = yield context.call_activity("hello", "after the failure")
+        return {"failed": True, "after": after}
+    return {"results": results}
+
+
+@app.orchestration_trigger(context_name="context")
+def cancelled_wait(context: df.DurableOrchestrationContext):
+    timer = context.create_timer(context.current_utc_datetime + dt.timedelta(minutes=5))
+    timer.cancel()
+    yield timer  # a cancelled timer never fires: nothing can wake this orchestration again
+    return "not reached"
+
+
+@app.orchestration_trigger(context_name="context")
 def nondeterministic(context: df.DurableOrchestrationContext):
     NONDET_RUNS[context.instance_id] += 1
     if NONDET_RUNS[context.instance_id] == 1:  # differs between the first run and its replay
@@ -195,9 +251,13 @@ async def http_start(req: func.HttpRequest, client: DurableOrchestrationClient) 
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture
-def host():
-    with LocalDurableHost(app, max_workers=4, timer_scale=0) as h:
+# None: events in arrival order; a number: seeded random delivery order, batching and retry-timer interleaving.
+SEEDS = [None, 3, 17, 42]
+
+
+@pytest.fixture(params=SEEDS, ids=lambda seed: "ordered" if seed is None else f"seed{seed}")
+def host(request: pytest.FixtureRequest):
+    with LocalDurableHost(app, max_workers=4, timer_scale=0, event_seed=request.param) as h:
         yield h
     for event in GATES.values():
         event.set()
@@ -313,15 +373,26 @@ def test_non_deterministic_orchestrator_fails(host: LocalDurableHost) -> None:
     assert "sequence ID 0" in status["output"]
 
 
+def test_waiting_for_nothing_fails_instead_of_hanging(host: LocalDurableHost) -> None:
+    started = time.monotonic()
+    status = host.wait(host.start("cancelled_wait"), 10)
+    assert time.monotonic() - started < 5
+    assert status["runtimeStatus"] == "Failed"
+    assert "nothing it started is still running" in status["output"]
+    assert "On Azure this instance would stay Running forever" in status["output"]
+    history = _history(host, status["instanceId"])
+    assert [e["EventId"] for e in history if e["EventType"] == "TimerCreated"] == [0]
+    assert _count(history, "TimerFired") == 0
+
+
 def test_terminate_while_activity_blocks(host: LocalDurableHost) -> None:
     key = _key()
     instance_id = host.start("gated", key)
     assert ENTERED[key].wait(5)
     assert host.terminate(instance_id, "operator asked") is True
-    status = host.status(instance_id)
+    status = host.wait(instance_id, 5)  # a queued request: Terminated at the next episode boundary
     assert status["runtimeStatus"] == "Terminated"
     assert status["output"] == "operator asked"
-    assert host.wait(instance_id, 1)["runtimeStatus"] == "Terminated"
     GATES[key].set()  # the running activity finishes; its result must be ignored
     time.sleep(0.3)
     assert key not in RECORDED
@@ -334,6 +405,68 @@ def test_terminate_while_activity_blocks(host: LocalDurableHost) -> None:
     assert host.terminate(instance_id, "again") is False
 
 
+def test_terminate_lets_the_running_episode_finish(host: LocalDurableHost) -> None:
+    """The episode in progress when terminate is asked still completes, and the work it starts still runs."""
+    key = _key()
+    instance_id = host.start("paused_episode", key)
+    assert ENTERED[f"{key}-episode"].wait(5)
+    assert host.terminate(instance_id, "stop") is True
+    assert host.status(instance_id)["runtimeStatus"] == "Running"  # not until the episode ends
+    GATES[f"{key}-episode"].set()
+    assert host.wait(instance_id, 5)["runtimeStatus"] == "Terminated"
+    history = _history(host, instance_id)
+    assert [e["Name"] for e in history if e["EventType"] == "TaskScheduled"] == ["hello", "record"]
+    assert history[-1]["EventType"] == "ExecutionTerminated"
+    _wait_until(lambda: key in RECORDED)  # started by the last episode, as the extension would
+    if host.event_seed is None:  # asked before `record` started: its result comes after the request
+        time.sleep(0.1)
+        assert _count(_history(host, instance_id), "TaskCompleted") == 1
+
+
+@pytest.mark.filterwarnings("ignore:Potential duplicate Task completion")  # the SDK, on the early "cancel"
+def test_orchestrator_error_still_schedules_the_episode_work(host: LocalDurableHost) -> None:
+    key = _key()
+    instance_id = host.start("schedule_then_raise", key)
+    host.raise_event(instance_id, "cancel")
+    _wait_until(lambda: _count(_history(host, instance_id), "EventRaised") == 1)  # delivered before "ready"
+    host.raise_event(instance_id, "ready")
+    status = host.wait(instance_id, 10)
+    assert status["runtimeStatus"] == "Failed"
+    assert status["output"] == "Orchestrator function 'schedule_then_raise' failed: gave up"
+    history = _history(host, instance_id)
+    assert [(e["EventId"], e["Name"]) for e in history if e["EventType"] == "TaskScheduled"] == [(0, "record")]
+    # started and failed in one episode, as the extension does: the actions first, then the error
+    assert [e["EventType"] for e in history[-3:]] == ["TaskScheduled", "ExecutionCompleted", "OrchestratorCompleted"]
+    _wait_until(lambda: key in RECORDED)
+
+
+def test_retry_inside_task_all_after_a_failure_crosses_task_ids(host: LocalDurableHost) -> None:
+    """One retried call fails for good while another is still running; the latter fails once more.
+
+    The SDK's task_all fails at once and the generator yields `hello`, which takes the next id. The
+    extension's WhenAll waits for the other call: its retry timer takes that id, and when the timer fires
+    the SDK completes `hello` with it (result None), as on Azure. `hello` itself starts only after the
+    retried call has succeeded. Hence: keep call_activity_with_retry out of task_all, or let none fail.
+    """
+    key = _key()
+    with LocalDurableHost(app, timer_scale=0.001, event_seed=host.event_seed) as real_time:  # 1 s retries: 1 ms
+        instance_id = real_time.start("retries_in_task_all", key)
+        _wait_until(lambda: real_time.status(instance_id)["customStatus"] == "task_all failed")
+        assert ENTERED[key].is_set() and real_time.status(instance_id)["runtimeStatus"] == "Running"
+        GATES[key].set()
+        status = real_time.wait(instance_id, 10)
+        history = _history(real_time, instance_id)
+    assert status["runtimeStatus"] == "Completed", status["output"]
+    assert status["output"] == {"failed": True, "after": None}  # not "Hello after the failure"
+    scheduled = [(e["EventId"], e["Name"]) for e in history if e["EventType"] == "TaskScheduled"]
+    timers = [e["EventId"] for e in history if e["EventType"] == "TimerCreated"]
+    assert [name for _, name in scheduled] == ["explode", "gate_then_fail", "explode", "explode",
+                                               "gate_then_fail", "hello"]
+    hello_id = scheduled[-1][0]
+    assert hello_id == max(timers + [task_id for task_id, _ in scheduled])  # started after everything else
+    assert COUNTERS[key] == 2
+
+
 def test_continue_as_new(host: LocalDurableHost) -> None:
     instance_id = host.start("counter", 0)
     status = host.wait(instance_id, 10)
@@ -343,6 +476,10 @@ def test_continue_as_new(host: LocalDurableHost) -> None:
     history = _history(host, instance_id)
     assert _count(history, "ExecutionStarted") == 1  # history restarts with each execution
     assert [e["EventId"] for e in history if e["EventType"] == "TaskScheduled"] == [0]
+    started = history[1]  # the fourth execution's, with every field the extension writes
+    assert started["Name"] == "counter" and started["Input"] == json.dumps("3") and started["Generation"] == 3
+    assert started["OrchestrationInstance"]["InstanceId"] == instance_id and started["ParentInstance"] is None
+    assert {"Version", "Tags", "Correlation", "ScheduledStartTime"} <= started.keys()
 
 
 def test_sub_orchestration_fan_out(host: LocalDurableHost) -> None:
@@ -354,6 +491,10 @@ def test_sub_orchestration_fan_out(host: LocalDurableHost) -> None:
     assert len(children) == 4
     assert {c["runtimeStatus"] for c in children} == {"Completed"}
     assert {c["name"] for c in children} == {"square_chunk"}
+    parents = [_history(host, c["instanceId"])[1]["ParentInstance"] for c in children]
+    assert sorted(p["TaskScheduleId"] for p in parents) == [0, 1, 2, 3]
+    assert {(p["Name"], p["OrchestrationInstance"]["InstanceId"]) for p in parents} == {
+        ("chunked_fan_out", instance_id)}
     history = _history(host, instance_id)
     assert _count(history, "SubOrchestrationInstanceCreated") == 4
     assert _count(history, "SubOrchestrationInstanceCompleted") == 4
@@ -402,8 +543,12 @@ def test_http_management_api_with_real_client(host: LocalDurableHost) -> None:
         await asyncio.to_thread(ENTERED[key].wait, 5)
         running = await client.get_status(gated_id, show_history=True)
         await client.terminate(gated_id, "stop it")
+        for _ in range(500):  # terminate is queued: Terminated at the instance's next episode boundary
+            terminated = await client.get_status(gated_id)
+            if terminated.runtime_status == OrchestrationRuntimeStatus.Terminated:
+                break
+            await asyncio.sleep(0.01)
         await client.terminate(gated_id, "again")  # 410 from the API: accepted silently by the client
-        terminated = await client.get_status(gated_id)
         everything = await client.get_status_all()
         only_terminated = await client.get_status_by(runtime_status=[OrchestrationRuntimeStatus.Terminated])
         waiting_id = await client.start_new("approval")
@@ -456,3 +601,164 @@ def test_invoke_http_function_with_durable_client(host: LocalDurableHost) -> Non
     # a second call reuses the SDK's shared HTTP session machinery on a new event loop
     second = host.invoke_function("http_start", req=request)
     assert host.wait(json.loads(second.get_body())["id"], 10)["runtimeStatus"] == "Completed"
+
+
+# ----------------------------------------------------------------------------- the real stylize_video
+# The app's orchestrator against scripted activities (same names), in virtual time, under every seed.
+video_app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+video_app.register_functions(stylize_module.bp)
+JOBS: dict[str, dict] = {}
+JOBS_LOCK = threading.Lock()
+OPTIONS = {"activity_retry_seconds": 2, "activity_attempts": 3, "max_attempts": 3, "poll_seconds": 5}
+
+
+def _fake(payload: dict, activity: str) -> dict:
+    """The job's script; raises once for each activity named in its ``flaky`` list (a transient error)."""
+    job = JOBS[payload.get("job", payload)["job_id"]]
+    with JOBS_LOCK:
+        job["calls"].append(activity)
+        if activity in job["flaky"]:
+            job["flaky"].remove(activity)
+            raise ConnectionError(f"{activity}: connection reset")
+    return job
+
+
+def _done(job: dict, task: object) -> bool:
+    """A task finishes on the second poll that sees it."""
+    with JOBS_LOCK:
+        job["seen"][task] += 1
+        return job["seen"][task] >= 2
+
+
+@video_app.activity_trigger(input_name="job")
+def prepare_job(job: dict) -> dict:
+    fake = _fake(job, "prepare_job")
+    return {"segments": fake["segments"], "frames_total": 10 * fake["segments"]}
+
+
+@video_app.activity_trigger(input_name="request")
+def submit_segments(request: dict) -> int:
+    fake = _fake(request, "submit_segments")
+    if any(index in fake["unsubmittable"] for index, _ in request["segments"]):
+        raise PermissionError("AuthorizationPermissionMismatch")
+    gate = f"{fake['job_id']}-submit-{request['segments'][0][0]}"
+    if gate in GATES and not ENTERED[gate].is_set():  # held by the test, then a transient error
+        ENTERED[gate].set()
+        GATES[gate].wait(10)
+        raise ConnectionError("submit_segments: connection reset")
+    with JOBS_LOCK:
+        fake["submitted"].extend((index, attempt) for index, attempt in request["segments"])
+    return len(request["segments"])
+
+
+@video_app.activity_trigger(input_name="request")
+def poll_tasks(request: dict) -> dict:
+    fake = _fake(request, "poll_tasks")
+    if request["stitch_attempt"] is not None:
+        attempt = request["stitch_attempt"]
+        if not _done(fake, f"stitch-{attempt}"):
+            return {"stitch": {"state": "running"}}
+        if attempt in fake["stitch_fails"]:
+            return {"stitch": {"state": "failed", "error": "error: muxer died", "exit_code": 1}}
+        return {"stitch": {"state": "succeeded", "summary": {"frames": 10 * fake["segments"], "audio": None}}}
+    failed, succeeded = [], 0
+    for index in range(request["total"]):
+        attempt = request["attempts"].get(str(index), 0)
+        if (index, attempt) not in fake["submitted"] or not _done(fake, (index, attempt)):
+            continue
+        if (index, attempt) in fake["fails"]:
+            failed.append({"segment": index, "attempt": attempt, "error": "worker died", "exit_code": 137})
+        else:
+            succeeded += 1
+    return {"failed": failed, "succeeded": succeeded, "running": request["total"] - succeeded - len(failed),
+            "frames_done": 10 * succeeded, "stitch": None}
+
+
+@video_app.activity_trigger(input_name="request")
+def submit_stitch(request: dict) -> int:
+    _fake(request, "submit_stitch")
+    return request["attempt"]
+
+
+@video_app.activity_trigger(input_name="request")
+def finalize_job(request: dict) -> dict:
+    _fake(request, "finalize_job")
+    return {"summary": request["summary"]}
+
+
+@video_app.activity_trigger(input_name="request")
+def cleanup_job(request: dict) -> int:
+    _fake(request, "cleanup_job")
+    return 0
+
+
+def _video_job(**script) -> dict:
+    job_id = f"job-{_key()}"
+    JOBS[job_id] = {"job_id": job_id, "segments": 1, "fails": set(), "flaky": [], "unsubmittable": set(),
+                    "stitch_fails": set(), "calls": [], "submitted": [], "seen": defaultdict(int), **script}
+    job = {"job_id": job_id, "input_container": "input", "input_name": "clip.mp4", "style": "7",
+           "output_name": "clip.mp4"}
+    return {"job": job, "options": OPTIONS}
+
+
+def _run_video(seed: int | None, **script) -> tuple[dict, dict]:
+    args = _video_job(**script)
+    job_id = args["job"]["job_id"]
+    with LocalDurableHost(video_app, max_workers=4, timer_scale=0, event_seed=seed) as h:
+        status = h.wait(h.start("stylize_video", args, instance_id=job_id), 30)
+    return status, JOBS[job_id]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: "ordered" if seed is None else f"seed{seed}")
+def test_stylize_video_completes_whatever_the_delivery_order(seed: int | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two submit chunks in task_all, retried segments and stitch, transient activity errors, continue-as-new."""
+    monkeypatch.setattr(stylize_module, "TICKS_PER_EXECUTION", 2)
+    status, fake = _run_video(seed, segments=150, fails={(3, 0), (120, 0), (120, 1)}, stitch_fails={0},
+                              flaky=["prepare_job", "submit_segments", "poll_tasks", "submit_stitch", "cleanup_job"])
+    assert status["runtimeStatus"] == "Completed", status["output"]
+    assert status["output"]["segments"] == 150 and status["output"]["frames"] == 1500
+    assert status["output"]["retries"] == 4  # segment 3 once, segment 120 twice, the stitch once
+    # a failed submit round sends every chunk again (submitting is idempotent by task id)
+    assert set(fake["submitted"]) == {*((i, 0) for i in range(150)), (3, 1), (120, 1), (120, 2)}
+    assert fake["calls"].count("submit_stitch") == 3 and fake["calls"].count("finalize_job") == 1
+    assert fake["calls"].count("cleanup_job") == 2 and not fake["flaky"]  # one transient failure, one success
+    assert status["customStatus"]["stage"] == "completed"
+    assert json.loads(status["input"])["state"]["ticks"] >= 2  # the last execution came from continue-as-new
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: "ordered" if seed is None else f"seed{seed}")
+def test_stylize_video_fails_once_when_a_submit_chunk_cannot_be_submitted(seed: int | None) -> None:
+    """The second chunk fails every attempt while the first may still be retrying its transient error."""
+    status, fake = _run_video(seed, segments=150, unsubmittable={100}, flaky=["submit_segments"])
+    assert status["runtimeStatus"] == "Failed"
+    assert status["customStatus"]["stage"] == "failed"
+    assert status["customStatus"]["error"] == {"kind": "internal", "message": "AuthorizationPermissionMismatch"}
+    assert fake["calls"].count("cleanup_job") == 1  # started after the whole task_all, never twice
+    assert "submit_stitch" not in fake["calls"] and "poll_tasks" not in fake["calls"]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: "ordered" if seed is None else f"seed{seed}")
+def test_stylize_video_submit_rounds_cross_no_task_ids(seed: int | None) -> None:
+    """What used to cross ids (see test_retry_inside_task_all_…): chunk 100 fails for good while chunk 0's
+    first submit is still running, then chunk 0 fails too. The orchestrator retries the whole fan-out in
+    rounds of plain calls, so every task gets its own result: the job fails once, after the last round,
+    with the chunk's reason, and cleanup runs once, last."""
+    args = _video_job(segments=150, unsubmittable={100})
+    job_id = args["job"]["job_id"]
+    GATES[f"{job_id}-submit-0"].clear()
+    with LocalDurableHost(video_app, max_workers=4, timer_scale=0.001, event_seed=seed) as h:
+        h.start("stylize_video", args, instance_id=job_id)
+        assert ENTERED[f"{job_id}-submit-0"].wait(10)
+        _wait_until(lambda: JOBS[job_id]["calls"].count("submit_segments") >= 2)
+        assert h.status(job_id)["runtimeStatus"] == "Running"
+        assert (h.status(job_id)["customStatus"] or {}).get("stage") == "scoring"  # no round may fail early
+        GATES[f"{job_id}-submit-0"].set()
+        status = h.wait(job_id, 10)
+        history = _history(h, job_id)
+    assert status["runtimeStatus"] == "Failed"
+    assert status["customStatus"]["error"] == {"kind": "internal", "message": "AuthorizationPermissionMismatch"}
+    scheduled = [e["Name"] for e in history if e["EventType"] == "TaskScheduled"]
+    assert scheduled.count("submit_segments") == 2 * OPTIONS["activity_attempts"] and scheduled[-1] == "cleanup_job"
+    assert JOBS[job_id]["calls"].count("cleanup_job") == 1
+    assert set(JOBS[job_id]["submitted"]) == {(i, 0) for i in range(100)}

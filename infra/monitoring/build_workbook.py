@@ -40,7 +40,7 @@ SUBSTITUTIONS = {
 
 INTRO = (
     "## Video stylize: where the time went\n"
-    "Records from `pipeline/telemetry.py` (custom events). Leave **Job id** empty for the most recent job. "
+    "Records from `pipeline/telemetry/` (custom events). Leave **Job id** empty for the most recent job. "
     "Queries: `infra/monitoring/*.kql`; how to read them: `docs/telemetry.md`."
 )
 

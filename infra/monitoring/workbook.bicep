@@ -1,6 +1,6 @@
 // The job telemetry workbook (per-job timeline, slowest segments, fps by node and GPU, failures by reason)
 // and a scheduled-query alert on failed jobs, both on the Application Insights component that
-// pipeline/telemetry.py sends to. The workbook JSON is built from the .kql files next to this file
+// pipeline/telemetry/ sends to. The workbook JSON is built from the .kql files next to this file
 // (build_workbook.py); the alert's query is failed-jobs-alert.kql. See docs/telemetry.md.
 
 param location string
@@ -66,7 +66,7 @@ resource failedJobsAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
   kind: 'LogAlert'
   properties: {
     displayName: 'Video stylize: jobs failed'
-    description: 'One or more stylize jobs failed (JobFailed events from pipeline/telemetry.py). The alert is split by kind: input (bad input the uploader can fix) or internal. Open the Video stylize jobs workbook, Failures by reason.'
+    description: 'One or more stylize jobs failed (JobFailed events from pipeline/telemetry/). The alert is split by kind: input (bad input the uploader can fix) or internal. Open the Video stylize jobs workbook, Failures by reason.'
     severity: 2
     enabled: true
     scopes: [
