@@ -879,3 +879,12 @@ def test_pool_image_version_is_the_documented_one():
     if torch_pin:
         assert f"torch {torch_pin.group(1)}" in batch_md, "docs/batch.md names another torch than the worker image's"
     assert "CUDA 13.0" in batch_md and "580" in batch_md
+
+
+def test_alert_email_is_set_through_the_azd_environment_as_documented():
+    """The failed-jobs alert's address comes from ALERT_EMAIL in the azd environment, with nothing to map by
+    hand, and the telemetry docs say so."""
+    params = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    assert params["alertEmail"]["value"] == "${ALERT_EMAIL}"
+    docs = (ROOT / "docs" / "telemetry.md").read_text(encoding="utf-8")
+    assert "azd env set ALERT_EMAIL" in docs and "map it" not in docs
