@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="print what the pipeline needs to know about a video, as JSON")
     p.add_argument("source")
 
-    t = sub.add_parser("stitch", help="join segments by stream copy and add the source's audio")
+    t = sub.add_parser("stitch", help="join segments by stream copy and add the source's other tracks")
     t.add_argument("output", type=Path)
     t.add_argument("segments", nargs="*", help="segment files or URLs in order")
     t.add_argument("--list", default=None, help="a JSON array of segment files or URLs (path or URL)")
-    t.add_argument("--audio-from", default=None, help="video whose first audio track to add")
+    t.add_argument("--audio-from", default=None,
+                   help="the source video: its audio and subtitle tracks, chapters and title come back (the JSON "
+                        "summary lists every track: kept how, or dropped why)")
     t.add_argument("--json", action="store_true")
 
     sub.add_parser("prepare-weights", help="convert the shipped networks to torch once (image build time)")
@@ -105,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         headers = http_headers()
         segments = list(args.segments) + (_read_list(args.list, headers) if args.list else [])
         result = stitch(segments, args.output, args.audio_from, http_headers=headers)
-        _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames, audio {result.audio}")
+        _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames, audio {result.audio}"
+                                      f"{_dropped(result.tracks)}")
     elif args.command == "prepare-weights":
         from gpu_worker.weights import prepare_all
 
@@ -120,6 +123,12 @@ def _run(args: argparse.Namespace) -> int:
     else:
         return _stylize(args)
     return EXIT_OK
+
+
+def _dropped(tracks: list[dict]) -> str:
+    """What the one-line report adds about tracks that did not come through."""
+    dropped = [f"#{t['index']} {t['type']} {t['codec']}: {t['reason']}" for t in tracks if t["action"] == "dropped"]
+    return f"; dropped {'; '.join(dropped)}" if dropped else ""
 
 
 def _read_list(ref: str, headers: dict | None) -> list[str]:

@@ -42,8 +42,10 @@ def yuv420_to_rgb(planes: torch.Tensor, matrix: str, full_range: bool = False) -
     return torch.cat((r, g, b), dim=1).clamp_(0, 1)
 
 
-def rgb_to_yuv420(rgb: torch.Tensor, matrix: str, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """[N,3,H,W] RGB in 0..1 → [N, H'*3/2, W'] uint8 limited-range I420, resized to ``size`` (even sides)."""
+def rgb_to_yuv420(rgb: torch.Tensor, matrix: str, size: tuple[int, int] | None = None,
+                  full_range: bool = False) -> torch.Tensor:
+    """[N,3,H,W] RGB in 0..1 → [N, H'*3/2, W'] uint8 I420, resized to ``size`` (even sides); limited range unless
+    ``full_range`` (a full-range source is encoded full-range, as it came)."""
     rgb = rgb.float()
     if size is not None and tuple(rgb.shape[2:]) != size:
         rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False)
@@ -54,8 +56,9 @@ def rgb_to_yuv420(rgb: torch.Tensor, matrix: str, size: tuple[int, int] | None =
     cb = (b - luma) / (2 * (1 - kb))
     cr = (r - luma) / (2 * (1 - kr))
     chroma = F.avg_pool2d(torch.cat((cb, cr), dim=1), 2)
-    y = (luma * 219.0 + 16.0).round_().clamp_(0, 255)
-    c = (chroma * 224.0 + 128.0).round_().clamp_(0, 255)
+    y_scale, c_scale, y_zero = (255.0, 255.0, 0.0) if full_range else (219.0, 224.0, 16.0)
+    y = (luma * y_scale + y_zero).round_().clamp_(0, 255)
+    c = (chroma * c_scale + 128.0).round_().clamp_(0, 255)
     out = torch.cat((y.reshape(n, -1), c.reshape(n, -1)), dim=1).to(torch.uint8)
     return out.reshape(n, height * 3 // 2, width)
 

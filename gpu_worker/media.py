@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 import av
 import numpy as np
 
+from gpu_worker import colour_tags
 from gpu_worker.errors import InputError
 
 # Demuxers we accept. Anything that can make ffmpeg open further resources (hls, dash, concat, image
@@ -35,9 +36,11 @@ FILE_PROTOCOLS = "file"
 URL_PROTOCOLS = "http,https,tls,tcp"
 MAX_SIDE = 8192  # larger frames are refused: no style network can run them and they are usually abuse
 
+# More tracks than this of either kind is refused (issue 16): each audio track the stitch re-encodes holds a
+# decoder, a resampler and an encoder, and no real source needs more (Blu-ray allows 32 of each).
+MAX_AUDIO_TRACKS = MAX_SUBTITLE_TRACKS = 32
 # AVColorSpace codes → swscale matrix names; unspecified sources get the usual guess by height.
 _MATRIX_BY_COLORSPACE = {1: "itu709", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
-_COLORSPACE_CODE = {"itu709": 1, "itu601": 6, "smpte170m": 6, "smpte240m": 7, "bt2020": 9}
 
 
 def is_url(source: str) -> bool:
@@ -154,8 +157,22 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> S
     if not container.streams.video:
         container.close()
         raise InputError(f"{name} has no video stream")
+    try:
+        check_track_counts(container, name)
+    except InputError:
+        container.close()
+        raise
     container.streams.video[0].thread_type = "AUTO"  # frame threads: decode keeps pace with the GPU
     return Source(container)
+
+
+def check_track_counts(container: av.container.InputContainer, name: str) -> None:
+    """Refuse a source with more audio or subtitle tracks than the service carries, before any work on it."""
+    for kind, count, limit in (("audio", len(container.streams.audio), MAX_AUDIO_TRACKS),
+                               ("subtitle", len(container.streams.subtitles), MAX_SUBTITLE_TRACKS)):
+        if count > limit:
+            raise InputError(f"{name} has {count} {kind} tracks; at most {MAX_AUDIO_TRACKS} audio and "
+                             f"{MAX_SUBTITLE_TRACKS} subtitle tracks are accepted", field="input")
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,9 @@ class VideoInfo:
     frames: int | None
     codec: str
     pixel_format: str | None
-    audio_codec: str | None
+    audio_codec: str | None  # the first audio track's
+    audio_tracks: int = 0
+    subtitle_tracks: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,6 +223,7 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
             start_seconds=float(start * tb), duration_seconds=duration,
             frame_rate=float(rate) if rate else None, frames=stream.frames or None,
             codec=stream.codec_context.name, pixel_format=first.format.name, audio_codec=audio,
+            audio_tracks=len(container.streams.audio), subtitle_tracks=len(container.streams.subtitles),
         )
 
 
@@ -366,6 +386,10 @@ def mp4_timescales(time_base: Fraction) -> dict[str, str]:
 class SegmentWriter:
     """Encode I420 frames with their source pts into H.264 MP4, written atomically.
 
+    ``colour`` is the description the stream is tagged with (colour_tags.output_tags: the source's own); its range
+    is also the range the frames are in (the full range of a full-range source is kept, not squeezed). Without
+    it, what goes with ``matrix`` in limited range.
+
     Frames go to a hidden temporary file beside ``path``; :meth:`commit` renames it into place and
     :meth:`abort` (or leaving the ``with`` block by an exception) deletes it, so a failed run leaves
     nothing at ``path``. The first frame is an IDR frame, as every fresh x264 stream starts with one.
@@ -374,7 +398,7 @@ class SegmentWriter:
     def __init__(
         self, path: Path, *, width: int, height: int, time_base: Fraction, sample_aspect_ratio: Fraction,
         frame_rate: Fraction | None, matrix: str, preset: str = "veryfast", crf: int = 18,
-        threads: int = 0,
+        threads: int = 0, colour: colour_tags.ColourTags | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -382,6 +406,8 @@ class SegmentWriter:
         # display size is exactly the source's.
         self.width, self.height = width + width % 2, height + height % 2
         self.matrix = matrix
+        self.colour = colour or colour_tags.tags_for_matrix(matrix)
+        self.full_range = self.colour.full_range
         sar = sample_aspect_ratio * Fraction(width * self.height, height * self.width)
         self.frames = 0
         self._container = av.open(str(self.tmp), mode="w", format="mp4", options=mp4_timescales(time_base))
@@ -391,9 +417,10 @@ class SegmentWriter:
         ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
         ctx.time_base = time_base
         ctx.sample_aspect_ratio = sar.limit_denominator(65535)
-        ctx.colorspace = _COLORSPACE_CODE.get(matrix, 1)
-        ctx.color_primaries = ctx.color_trc = {"itu709": 1, "bt2020": 9}.get(matrix, 6)
-        ctx.color_range = 1  # limited (tv) range, what players expect from H.264
+        # x264 writes these into the stream's VUI, where decoders and players read them
+        ctx.colorspace, ctx.color_primaries = self.colour.matrix, self.colour.primaries
+        ctx.color_trc = self.colour.transfer
+        ctx.color_range = self._range = 2 if self.full_range else 1
         ctx.thread_count = threads
         # frame threads, as the ffmpeg command uses: PyAV's default for encoders is slice threads, which made
         # x264 ~1.3x slower per frame at 1080p here
@@ -402,10 +429,11 @@ class SegmentWriter:
         self._stream = stream
 
     def write(self, pixels: np.ndarray | av.VideoFrame, pts: int) -> None:
-        """One frame with its source pts: limited-range I420 planes ([height*3/2, width] uint8) or an I420
-        frame from :meth:`yuv_frame`."""
+        """One frame with its source pts: I420 planes ([height*3/2, width] uint8, in this stream's range) or an
+        I420 frame from :meth:`yuv_frame`."""
         frame = pixels if isinstance(pixels, av.VideoFrame) else av.VideoFrame.from_ndarray(pixels, format="yuv420p")
         frame.pts = pts
+        frame.color_range = self._range
         self._container.mux(self._stream.encode(frame))
         self.frames += 1
 
@@ -415,7 +443,7 @@ class SegmentWriter:
         # upsampling, so chroma a model leaves alone comes back unblurred (bilinear: 2.1 levels off, AREA 0.8)
         return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
             width=self.width, height=self.height, format="yuv420p", interpolation="AREA", src_colorspace=self.matrix,
-            dst_colorspace=self.matrix, src_color_range=2, dst_color_range=1)
+            dst_colorspace=self.matrix, src_color_range=2, dst_color_range=self._range)
 
     def commit(self) -> None:
         self._container.mux(self._stream.encode(None))

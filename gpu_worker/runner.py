@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import gpu_worker
-from gpu_worker import colour, media, networks
+from gpu_worker import colour, colour_tags, media, networks
 from gpu_worker.errors import InputError
 
 
@@ -129,7 +129,11 @@ def _run_single(
         stream = container.streams.video[0]
         probe_frame = media.first_frame(container, stream, source)
         height, width = _scaled(probe_frame.height, probe_frame.width, max_size)
-        matrix = media.rgb_matrix(probe_frame)
+        # HDR is tone-mapped to SDR BT.709 as it is decoded (colour_tags.SdrConverter); anything else keeps its
+        # colour description, which the encoder is tagged with.
+        to_sdr = colour_tags.SdrConverter() if colour_tags.is_hdr(probe_frame) else None
+        matrix = "itu709" if to_sdr else media.rgb_matrix(probe_frame)
+        tags = colour_tags.SDR_BT709 if to_sdr else colour_tags.output_tags(probe_frame, matrix)
         turns = (probe_frame.rotation % 360) // 90
         out_h, out_w = (width, height) if turns % 2 else (height, width)
         batch = max(1, scorer.batch_size(out_h, out_w))
@@ -138,7 +142,7 @@ def _run_single(
         writer = media.SegmentWriter(
             output, width=out_w, height=out_h, time_base=stream.time_base,
             sample_aspect_ratio=_stored_sar(stream, turns), frame_rate=stream.average_rate,
-            matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads,
+            matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads, colour=tags,
         )
         pts_seen: list[int] = []
         decoded_at: dict[int, float] = {}  # pts → when the frame left the decoder
@@ -158,6 +162,8 @@ def _run_single(
                 t0 = time.perf_counter()
                 preroll = warmup_frames(temporal) if blender else 0
                 for frame in media.decode_range(container, stream, start, end, preroll=preroll):
+                    if to_sdr is not None:
+                        frame = to_sdr(frame)
                     # one size for the whole range, even if the stream changes size mid-way
                     item = (frame.pts, *media.frame_planes(frame, width, height,
                                                             rgb=not to_device.colour_on_device))
@@ -324,7 +330,8 @@ class _Uploader:
         if not self.colour_on_device:
             return [self.writer.yuv_frame(frame) for frame in rgb.numpy()]
         size = (self.writer.height, self.writer.width)
-        return list(colour.rgb_to_yuv420(colour.to_floats(rgb), self.matrix, size).cpu().numpy())
+        planes = colour.rgb_to_yuv420(colour.to_floats(rgb), self.matrix, size, full_range=self.writer.full_range)
+        return list(planes.cpu().numpy())
 
 
 class _Finisher:

@@ -1,31 +1,29 @@
-"""Join scored segments into one MP4 by stream copy and put the source's audio back.
+"""Join scored segments into one MP4 by stream copy and put back the source's other tracks, chapters and tags.
 
 Segments carry their source timestamps, so joining is a remux with no arithmetic on time (beyond decode
 times that a demuxer leaves out, filled in as a muxer would): packets are copied as they are, merged with
-the source's audio packets in time order. Audio is copied when MP4 can carry it and re-encoded to AAC
-otherwise; either way it keeps the source's timestamps, so its offset to the video is the source's. The
-output is written atomically with the index up front (faststart) so it plays while downloading.
+the source's other tracks in time order. Every audio track is kept, copied when MP4 players take its codec and
+re-encoded to AAC otherwise; text subtitles become MP4 text tracks; what MP4 cannot carry is dropped and said so
+(gpu_worker/tracks.py plans it, gpu_worker/track_writers.py writes it). Every track keeps the source's
+timestamps, so its offset to the video is the source's. The output is written atomically with the index up
+front (faststart) so it plays while downloading.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, suppress
-from dataclasses import asdict, dataclass
-from fractions import Fraction
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import av
 
-from gpu_worker import media
+from gpu_worker import colour_tags, media, tracks
 from gpu_worker.errors import InputError
-
-MP4_AUDIO_CODECS = {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}
-_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+from gpu_worker.track_writers import Writer, carry_container_info, open_writers
 
 
 @dataclass
@@ -34,7 +32,11 @@ class StitchResult:
     segments: int
     frames: int
     duration_seconds: float
-    audio: str  # "copy", "aac" (re-encoded) or "none"
+    audio: str  # "copy", "aac" (re-encoded), "copy+aac" (some of each) or "none"
+    tracks: list[dict] = field(default_factory=list)  # every source stream: what became of it, and why
+    video: dict | None = None  # the output video: size, pixel format, colour description, what was converted
+    chapters: int = 0
+    metadata: dict = field(default_factory=dict)  # the container tags carried (title, creation_time, …)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,22 +46,20 @@ def stitch(
     segments: Sequence[str | Path], output: str | Path, audio_source: str | None = None,
     http_headers: Mapping[str, str] | None = None,
 ) -> StitchResult:
-    """Concatenate ``segments`` (in order) into ``output``, adding ``audio_source``'s first audio track."""
+    """Concatenate ``segments`` (in order) into ``output``, adding ``audio_source``'s tracks, chapters and tags."""
     if not segments:
         raise InputError("stitch needs at least one segment")
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     with ExitStack() as stack:
         inputs = [stack.enter_context(media.open_source(str(p), http_headers)) for p in segments]
-        audio_in = None
-        if audio_source is not None:
-            source = stack.enter_context(media.open_source(audio_source, http_headers))
-            audio_in = source.streams.audio[0] if source.streams.audio else None
+        # opening the source refuses one with too many tracks (media.check_track_counts) before anything is written
+        source = None if audio_source is None else stack.enter_context(media.open_source(audio_source, http_headers))
         timescales = media.mp4_timescales(inputs[0].streams.video[0].time_base)
         out = stack.enter_context(av.open(str(tmp), mode="w", format="mp4",
                                           options={"movflags": "+faststart", **timescales}))
         try:
-            result = _remux(inputs, audio_in, out, output)
+            result = _remux(inputs, source, out, output)
         except BaseException:
             out.close()
             with suppress(FileNotFoundError):
@@ -69,23 +69,12 @@ def stitch(
     return result
 
 
-def _remux(inputs: list, audio_in, out, output: Path) -> StitchResult:
+def _remux(inputs: list, source, out, output: Path) -> StitchResult:
     template = inputs[0].streams.video[0]
     video_out = out.add_stream_from_template(template)
-    audio_mode, audio_out, resampler = "none", None, None
-    if audio_in is not None:
-        if audio_in.codec_context.name in MP4_AUDIO_CODECS:
-            audio_mode, audio_out = "copy", out.add_stream_from_template(audio_in)
-        else:
-            audio_mode = "aac"
-            rate = audio_in.codec_context.sample_rate
-            audio_out = out.add_stream("aac", rate=rate)
-            layout = audio_in.codec_context.layout.name
-            if layout.endswith("channels"):  # unordered layout (e.g. PCM in Matroska): take the default
-                layout = _DEFAULT_LAYOUTS.get(audio_in.codec_context.channels, "stereo")
-            audio_out.codec_context.layout = layout
-            audio_out.codec_context.format = "fltp"
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+    plans = tracks.plan(source) if source is not None else []
+    carried = carry_container_info(source, out) if source is not None else {"chapters": 0, "metadata": {}}
+    writers = open_writers(plans, out)
     counts = {"frames": 0, "last_dts": None, "end": 0.0}
 
     def video_packets() -> Iterator[tuple[float, int, av.Packet]]:
@@ -102,48 +91,46 @@ def _remux(inputs: list, audio_in, out, output: Path) -> StitchResult:
                 counts["frames"] += 1
                 if packet.pts is not None:
                     counts["end"] = max(counts["end"], float((packet.pts + packet.duration) * stream.time_base))
+                packet.stream = video_out
                 yield float(packet.dts * stream.time_base), 0, packet
 
-    def audio_packets() -> Iterator[tuple[float, int, av.Packet]]:
-        if audio_in is None:
+    def track_packets() -> Iterator[tuple[float, int, av.Packet]]:
+        """The kept tracks' packets, from one pass over the source in file order (roughly time order: the muxer's
+        interleaving puts them in exact order, within its 10 s window, and sparse subtitles need that window)."""
+        if not writers:
             return
-        if audio_mode == "copy":
-            for packet in audio_in.container.demux(audio_in):
-                if packet.pts is None and packet.dts is None:
-                    continue  # the demuxer's end-of-stream marker
-                if packet.dts is None:
-                    packet.dts = packet.pts  # audio is never reordered: it decodes when it plays
-                yield float(packet.dts * audio_in.time_base), 1, packet
-            return
-        # Samples are numbered continuously (the encoder needs gapless input) from the source's first audio
-        # timestamp, not from 0: the video keeps its source timestamps, so starting the audio anywhere else
-        # would shift it against the picture by the source's start time (~1.4 s in a typical MPEG-TS).
-        tick = Fraction(1, audio_out.codec_context.sample_rate)
-        next_pts = None
-        for frame in itertools.chain(audio_in.container.decode(audio_in), [None]):
-            if next_pts is None and frame is not None:
-                next_pts = round(frame.pts * frame.time_base / tick) if frame.pts is not None else 0
-            for chunk in resampler.resample(frame):
-                chunk.pts, chunk.time_base = next_pts or 0, tick
-                next_pts = chunk.pts + chunk.samples
-                yield from _timed(audio_out.encode(chunk))
-        yield from _timed(audio_out.encode(None))
+        for packet in source.demux(*(writer.source for writer in writers.values())):
+            if packet.pts is None and packet.dts is None:
+                continue  # the demuxer's end-of-stream marker
+            writer = writers[packet.stream.index]
+            yield from _timed(writer.packets(packet), writer)
+        for writer in writers.values():
+            yield from _timed(writer.flush(), writer)
 
-    merged = heapq.merge(video_packets(), audio_packets(), key=lambda item: (item[0], item[1]))
-    for _, kind, packet in merged:
-        packet.stream = video_out if kind == 0 else audio_out
+    merged = heapq.merge(video_packets(), track_packets(), key=lambda item: (item[0], item[1]))
+    for _, _, packet in merged:
         out.mux(packet)
     if counts["frames"] == 0:
         raise InputError("the segments hold no video frames")
-    return StitchResult(output=str(output), segments=len(inputs), frames=counts["frames"],
-                        duration_seconds=round(counts["end"], 6), audio=audio_mode)
+    reports = [plan.report() for plan in plans]
+    for plan, report in zip(plans, reports, strict=True):
+        writer = writers.get(plan.stream.index)
+        if writer is not None and writer.skipped:
+            report.setdefault("notes", []).append(f"{writer.skipped} damaged packets left out")
+    modes = {"copy" if w.plan.action == "copied" else "aac" for w in writers.values() if w.plan.kind == "audio"}
+    return StitchResult(
+        output=str(output), segments=len(inputs), frames=counts["frames"], duration_seconds=round(counts["end"], 6),
+        audio="+".join(m for m in ("copy", "aac") if m in modes) or "none", tracks=reports,
+        video=colour_tags.describe(source.streams.video[0] if source is not None else template, video_out),
+        chapters=carried["chapters"], metadata=carried["metadata"])
 
 
-def _timed(packets: Iterable[av.Packet]) -> Iterator[tuple[float, int, av.Packet]]:
+def _timed(packets: Iterable[av.Packet], writer: Writer) -> Iterator[tuple[float, int, av.Packet]]:
     for packet in packets:
         if packet.dts is None:
-            packet.dts = packet.pts  # audio: decode order is presentation order
-        yield float(packet.dts * packet.time_base), 1, packet
+            packet.dts = packet.pts  # audio and text: decode order is presentation order
+        packet.stream = writer.stream
+        yield float(packet.dts * packet.time_base), writer.stream.index, packet
 
 
 def _with_decode_times(packets: Iterable[av.Packet]) -> Iterator[av.Packet]:

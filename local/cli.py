@@ -167,13 +167,22 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
     summary = {"job_id": job_id, "output": str(args.output), "frames": result["frames"],
                "segments": result["segments"], "seconds": result["seconds"],
                "fps": round(result["frames"] / result["seconds"], 2) if result["seconds"] else None,
-               "audio": result.get("audio"), "retries": result.get("retries", 0)}
+               "audio": result.get("audio"), "retries": result.get("retries", 0),
+               # per source track: kept how, or dropped why; the video's colour and what was converted (issue 16)
+               "tracks": result.get("tracks", []), "video": result.get("video"),
+               "chapters": result.get("chapters", 0), "metadata": result.get("metadata", {})}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"wrote {args.output}: {summary['frames']} frames in {summary['seconds']} s "
               f"({summary['fps']} fps, {summary['segments']} segments, audio: {summary['audio'] or 'none'})",
               file=sys.stderr)
+        for track in summary["tracks"]:
+            if track["action"] == "dropped":
+                print(f"  dropped track {track['index']} ({track['type']}, {track['codec']}): {track['reason']}",
+                      file=sys.stderr)
+        for change in (summary["video"] or {}).get("converted", []):
+            print(f"  video converted: {change}", file=sys.stderr)
     return EXIT_OK
 
 
