@@ -14,7 +14,8 @@ frames (OpenCV DIS, medium preset, full resolution: not the flow the method itse
   ghosting   mean absolute difference, in levels of 255, between an output and the same method's per-frame
              output over the pixels the previous frame cannot explain (disoccluded): what the past smears in.
   boundary   with 2-second segments through `stylize run`: E_warp of the pairs that straddle a segment
-             boundary over the median pair's.
+             boundary over the median pair's, over their neighbours', and over the same pairs' E_warp in a
+             one-segment run of the same clip (what the join itself adds, whatever the content there).
   cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
 
 Prints a table with the CPU flags and writes benchmarks/results/temporal-cpu.json.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -173,7 +175,8 @@ def measure_clip(name: str, clip: Path, work: Path, temporals: list[float], figu
 
 def measure_boundaries(clip: Path, work: Path) -> dict:
     """`stylize run` in 2-second segments, with temporal on and off: each join's pair against the median
-    pair of the whole clip and against its neighbours (6 pairs each side), whose motion is like its own."""
+    pair of the whole clip, against its neighbours (6 pairs each side), whose motion is like its own, and
+    against the same pair in a one-segment run."""
     with av.open(str(clip)) as container:
         stream = container.streams.video[0]
         times = [float(f.pts * stream.time_base) for f in container.decode(stream)]
@@ -181,20 +184,24 @@ def measure_boundaries(clip: Path, work: Path) -> dict:
     result: dict = {"clip": clip.name, "segments": len(joins) + 1}
     flows = None
     for label, value in (("temporal", DEFAULT_TEMPORAL), ("per-frame", 0.0)):
-        out = work / f"segments-{label}.mp4"
-        timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "--max-size", str(SIZE), "--segment-seconds", "2",
-               "--temporal", str(value), "-o", str(out), "--json"], cwd=REPO)
-        output = frames_of(out)
-        if flows is None:
-            height, width = output.shape[1:3]
-            flows = Flows(np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA)
-                                    for f in frames_of(clip)]))
-        errors = np.array(flows.e_warp(output))  # errors[i - 1] is the pair (i-1, i)
-        median = float(np.nanmedian(errors))
-        measured = [i for i in joins if not np.isnan(errors[i - 1])]
-        local = [errors[i - 1] / np.nanmedian(np.r_[errors[max(0, i - 7):i - 1], errors[i:i + 6]]) for i in measured]
-        result[label] = {"vs_median": [round(float(errors[i - 1] / median), 2) for i in measured],
-                         "vs_neighbours": [round(float(r), 2) for r in local]}
+        errors = {}
+        for seconds in ("2", str(math.ceil(times[-1]) + 1)):  # joins every 2 s, then none
+            out = work / f"segments-{label}-{seconds}.mp4"
+            timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "--max-size", str(SIZE), "--segment-seconds",
+                   seconds, "--temporal", str(value), "-o", str(out), "--json"], cwd=REPO)
+            output = frames_of(out)
+            if flows is None:
+                height, width = output.shape[1:3]
+                flows = Flows(np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA)
+                                        for f in frames_of(clip)]))
+            errors[seconds] = np.array(flows.e_warp(output))  # errors[i - 1] is the pair (i-1, i)
+        split, whole = errors["2"], errors[str(math.ceil(times[-1]) + 1)]
+        median = float(np.nanmedian(split))
+        measured = [i for i in joins if not np.isnan(split[i - 1])]
+        local = [split[i - 1] / np.nanmedian(np.r_[split[max(0, i - 7):i - 1], split[i:i + 6]]) for i in measured]
+        result[label] = {"vs_median": [round(float(split[i - 1] / median), 2) for i in measured],
+                         "vs_neighbours": [round(float(r), 2) for r in local],
+                         "vs_unsplit": [round(float(split[i - 1] / whole[i - 1]), 2) for i in measured]}
     return result
 
 
@@ -227,7 +234,7 @@ def main() -> int:
     try:
         clips = {"bikes": sample_clip("bikes.mp4"), "bbb": sample_clip("bigbuckbunny.mp4")}
         rows = []
-        for name in args.clips.split(","):
+        for name in filter(None, args.clips.split(",")):  # --clips "" measures the joins (and cost) alone
             clip = cut_clip(work) if name == "cut" else clips[name]
             rows.append(measure_clip(name, clip, work, temporals, args.figure if not rows else None))
             print(json.dumps(rows[-1]), flush=True)
@@ -254,7 +261,8 @@ def print_table(rows: list[dict], boundaries: dict | None, cost: dict | None) ->
         for label in ("temporal", "per-frame"):
             b = boundaries[label]
             print(f"segment joins, {label} ({boundaries['segments']} segments of {boundaries['clip']}): "
-                  f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours'")
+                  f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours', "
+                  f"{b['vs_unsplit']} × the same pairs' in one segment")
     if cost:
         print(f"cost at {cost['size']}: {cost['fps_on']} fps on vs {cost['fps_off']} off ({cost['cost']:.1%})")
 
