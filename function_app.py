@@ -111,8 +111,10 @@ async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient)
         return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
     view = _view(status)
     job = _job_of(status)
-    if job is not None and status.runtime_status.name not in ACTIVE:
+    if job is not None and status.runtime_status.name != "Completed":
         record = await asyncio.to_thread(jobs.end_record, job, services())
+        if record and record.get("reason") == "canceled":  # the terminate may still wait for the next episode
+            view["stage"] = "canceled"
         if record and record.get("cleanup", "done") != "done":  # e.g. a Batch job still terminating
             view["cleanup"] = record["cleanup"]
     return _json(200, view)

@@ -20,6 +20,7 @@ cancel while the stitch runs                   → the same
 steps queued before a cancel, run after it      → refused by the run's end record, also after an app restart
 a submit in flight when the job ends           → it takes back the Batch job / tasks it made
 a restart of a canceled job                    → a new run; completes exactly
+GET before the queued terminate lands          → stage "canceled" from the end record  (local only)
 a manifest or publish that fails               → Failed; nothing published
 Batch job still terminating after the wait     → "cleanup: incomplete" in the cancel reply and status; finished
                                                  by another cancel  (batch only)
@@ -412,3 +413,17 @@ def test_a_cleanup_left_incomplete_is_shown_and_finished_later(azurite: str, cli
         assert_nothing_left(stack, job_id)
         code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
         assert code == 409 and "already Terminated" in reply["error"]
+
+
+def test_status_says_canceled_before_the_terminate_is_delivered(local_stack: Stack, clip: Path) -> None:
+    """Between the cancel and the orchestration's next episode (where the queued terminate lands), the job
+    still runs as far as Durable knows; its status already says canceled, from the run's end record."""
+    stack = local_stack
+    job_id = stack.start(stack.put(clip), style="7")
+    wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+    jobs.cleanup(stack.job(job_id), stack.svc, "canceled")  # the cancel's cleanup, its terminate not yet sent
+    code, view = stack.call("get_job", route={"job_id": job_id})
+    assert code == 200 and view["runtime_status"] == "Running" and view["stage"] == "canceled"
+    stack.host.terminate(job_id, "canceled by request")
+    wait_terminated(stack, job_id)
+    assert_nothing_left(stack, job_id)
