@@ -180,10 +180,9 @@ async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
     """The id of an unfinished job that will write ``output_name`` (from another input than ``except_input``)."""
     running = [df.OrchestrationRuntimeStatus[name] for name in sorted(ACTIVE)]
     for status in await starter.get_status_by(runtime_status=running):
-        args = status.input_ if isinstance(status.input_, dict) else json.loads(status.input_ or "{}")
-        job = args.get("job") or {}
-        source = (job.get("input_container"), job.get("input_name"))
-        if job.get("output_name") == output_name and source != except_input:
+        job = _job_of(status)
+        if job is not None and job.output_name == output_name and \
+                (job.input_container, job.input_name) != except_input:
             return status.instance_id
     return None
 

@@ -60,9 +60,7 @@ class Copy(Writer):
         self.stream = out.add_stream_from_template(plan.stream)
 
     def packets(self, packet: av.Packet) -> Iterator[av.Packet]:
-        if packet.dts is None:
-            packet.dts = packet.pts  # audio and text are never reordered: each decodes when it plays
-        yield packet
+        yield packet  # a missing dts is filled in with every other track's, as the stitch merges them
 
 
 class AacEncode(Writer):
