@@ -76,29 +76,19 @@ def test_upload_runs_one_job_per_upload(blob_app, tmp_path: Path) -> None:
     assert svc.storage.read_json(s.output_container, "clips/holiday.json")["style"] == "6"
 
 
-def test_upload_with_bad_metadata_fails_visibly(blob_app, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "metadata", "message"), [
+    ("bad.mp4", {"style": "99"}, "style 99 does not exist: built-in styles are 0-25"),
+    ("shaky.mp4", {"style": "3", "temporal": "-0.2"}, "temporal must be between 0 (off) and 0.95, got -0.2"),
+])
+def test_upload_with_bad_metadata_fails_visibly(blob_app, tmp_path: Path, name: str, metadata: dict,
+                                                message: str) -> None:
     host, svc, connection = blob_app
     s = svc.settings
     clip = make_clip_with_audio(tmp_path, "aac", ".mp4", seconds=1.0)
-    blob = upload(connection, s.input_container, "bad.mp4", clip, {"style": "99"})
+    blob = upload(connection, s.input_container, name, clip, metadata)
     host.invoke_function("on_video_uploaded", blob=blob)
-    job_id = instance_id(s.input_container, "bad.mp4", blob.get_blob_properties().etag)
-    status = host.wait(job_id, timeout=60)
+    status = host.wait(instance_id(s.input_container, name, blob.get_blob_properties().etag), timeout=60)
     assert status["runtimeStatus"] == "Failed"
-    assert status["customStatus"]["error"] == {"kind": "input",
-                                                "message": "style 99 does not exist: built-in styles are 0-25"}
+    assert status["customStatus"]["error"] == {"kind": "input", "message": message}
     assert svc.storage.list_names(s.output_container) == []
-    assert svc.storage.info(s.input_container, "bad.mp4") is not None  # the input is untouched
-
-
-def test_upload_with_a_bad_temporal_fails_naming_it(blob_app, tmp_path: Path) -> None:
-    host, svc, connection = blob_app
-    s = svc.settings
-    clip = make_clip_with_audio(tmp_path, "aac", ".mp4", seconds=1.0)
-    blob = upload(connection, s.input_container, "shaky.mp4", clip, {"style": "3", "temporal": "-0.2"})
-    host.invoke_function("on_video_uploaded", blob=blob)
-    status = host.wait(instance_id(s.input_container, "shaky.mp4", blob.get_blob_properties().etag), timeout=60)
-    assert status["runtimeStatus"] == "Failed"
-    assert status["customStatus"]["error"] == {"kind": "input",
-                                                "message": "temporal must be between 0 (off) and 0.95, got -0.2"}
-    assert svc.storage.list_names(s.output_container) == []
+    assert svc.storage.info(s.input_container, name) is not None  # the input is untouched
