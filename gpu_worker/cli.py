@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +19,9 @@ from pathlib import Path
 from gpu_worker.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+# Set by a compute backend that wants a running task's progress (LocalCompute does): the frames written so far.
+PROGRESS_FILE_ENV = "WORKER_PROGRESS_FILE"
+PROGRESS_EVERY_SECONDS = 0.5
 
 
 def _seconds(text: str) -> Fraction:
@@ -169,12 +174,8 @@ def _stylize(args: argparse.Namespace) -> int:
         from gpu_worker.scoring import StyleScorer
 
         scorer = StyleScorer(spec, device=args.device, http_headers=headers)
-    last = [0.0]
-
-    def progress(frames: int) -> None:
-        if not args.json and sys.stderr.isatty() and time.monotonic() - last[0] > 0.5:
-            last[0] = time.monotonic()
-            print(f"\r{frames} frames", end="", file=sys.stderr, flush=True)
+    progress = _progress_reporter(show=not args.json and sys.stderr.isatty(),
+                                  file=os.environ.get(PROGRESS_FILE_ENV))
 
     pipelines = _pipelines(args.pipelines, scorer)
     if pipelines > 1:
@@ -191,6 +192,26 @@ def _stylize(args: argparse.Namespace) -> int:
     _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
                                   f"({result.fps:.2f} fps on {result.device})")
     return EXIT_OK
+
+
+def _progress_reporter(show: bool, file: str | None) -> Callable[[int], None]:
+    """Frames written so far: redrawn on a terminal, and/or written to ``file`` (replaced whole, so a reader
+    never sees half a number) for the compute backend that launched the task to read while it runs."""
+    last = [0.0]
+
+    def progress(frames: int) -> None:
+        if time.monotonic() - last[0] < PROGRESS_EVERY_SECONDS:
+            return
+        last[0] = time.monotonic()
+        if show:
+            print(f"\r{frames} frames", end="", file=sys.stderr, flush=True)
+        if file:
+            partial = f"{file}.partial"
+            with suppress(OSError):  # progress is a courtesy: it never fails the task
+                Path(partial).write_text(str(frames))
+                os.replace(partial, file)
+
+    return progress
 
 
 def _pipelines(value: str, scorer) -> int:

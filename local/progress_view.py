@@ -1,5 +1,6 @@
 """A job's progress on stderr, for `stylize run` and `stylize status`: one line redrawn in place on a
-terminal, elsewhere (logs, `make demo` under CI) one line each time the stage changes."""
+terminal, elsewhere (logs, `make demo` under CI) one line each time the stage changes or another quarter of
+the frames is done."""
 
 from __future__ import annotations
 
@@ -28,16 +29,18 @@ class ProgressView:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.redraw = self.stream.isatty()
-        self._line, self._stage = "", ""
+        self._line, self._step = "", ("", 0)
 
     def show(self, custom: dict) -> None:
         line = progress_line(custom)
-        stage = custom.get("stage", "queued")
+        frames = custom.get("frames") or {}
+        quarter = 4 * frames.get("done", 0) // frames["total"] if frames.get("total") else 0
+        step = (custom.get("stage", "queued"), quarter)
         if self.redraw and line != self._line:
             print(f"\r{line:<78}", end="", file=self.stream, flush=True)
-        elif not self.redraw and stage != self._stage:
+        elif not self.redraw and step != self._step:
             print(line, file=self.stream, flush=True)
-        self._line, self._stage = line, stage
+        self._line, self._step = line, step
 
     def close(self) -> None:
         """End the redrawn line, so what follows starts on a line of its own."""

@@ -21,6 +21,7 @@ from typing import Protocol
 from pipeline.storage import Storage
 
 OUTPUT_FILE = "out.mp4"
+PROGRESS_FILE = "progress"
 STDERR_TAIL = 800
 
 
@@ -39,7 +40,7 @@ class TaskState:
     state: str  # pending | running | succeeded | failed
     exit_code: int | None = None
     error: str | None = None  # last stderr line(s) of a failed task
-    summary: dict | None = None  # the worker's --json output
+    summary: dict | None = None  # the worker's --json output; while running, {"frames": n} where the backend knows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +124,18 @@ class LocalCompute:
                 return {}
             self._lock.wait_for(lambda: job.version != job.seen or self._closed, timeout=self.poll_wait_seconds)
             job.seen = job.version
-            return {k: TaskState(**asdict(v)) for k, v in job.states.items()}
+            states = {k: TaskState(**asdict(v)) for k, v in job.states.items()}
+        for state in states.values():
+            if state.state == "running":
+                state.summary = self._progress(job_id, state.id)
+        return states
+
+    def _progress(self, job_id: str, task_id: str) -> dict | None:
+        """A running task's frames so far, from the file its worker keeps (absent until its first frame)."""
+        try:
+            return {"frames": int((self.scratch / job_id / task_id / PROGRESS_FILE).read_text())}
+        except (OSError, ValueError):
+            return None
 
     def _changed(self, job: _LocalJob) -> None:
         """Wake the job's pollers; call with the lock held."""
@@ -191,7 +203,9 @@ class LocalCompute:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
-        env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1", "WORKER_PARENT_PID": str(os.getpid())}
+        # WORKER_PROGRESS_FILE: where the worker keeps its count of frames written, which poll reads
+        env = {**os.environ, **task.env, "PYTHONUNBUFFERED": "1", "WORKER_PARENT_PID": str(os.getpid()),
+               "WORKER_PROGRESS_FILE": str(workdir / PROGRESS_FILE)}
         canceled = TaskState(task.id, "failed", error="canceled")
         try:
             headers = self.storage.reader_headers()  # Blob Storage with an identity: workers read with its

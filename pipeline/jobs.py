@@ -154,11 +154,10 @@ def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stit
         state = states.get(segment_task_id(index, attempt))
         if state is None or state.state == "pending":
             continue
-        if state.state == "running":
-            running += 1
-        elif state.state == "succeeded":
-            succeeded += 1
-            frames += int((state.summary or {}).get("frames", 0))
+        if state.state in ("running", "succeeded"):  # a running task's summary, where its backend has one, is
+            frames += int((state.summary or {}).get("frames", 0))  # its progress so far
+            running += state.state == "running"
+            succeeded += state.state == "succeeded"
         else:
             failed.append({"segment": index, "attempt": attempt, "exit_code": state.exit_code, "error": state.error})
     result = {"succeeded": succeeded, "running": running, "failed": failed, "frames_done": frames}

@@ -204,6 +204,38 @@ def test_local_poll_answers_at_news_and_waits_quietly_between(tmp_path: Path) ->
         compute.close()
 
 
+def test_a_running_local_task_reports_its_frames_so_far(tmp_path: Path) -> None:
+    """One long segment shows progress while it runs (not 0 until it ends): poll reads the count the worker
+    keeps, and the job's frames done add it to the finished segments' frames."""
+    import sys
+
+    from pipeline.compute import LocalCompute, Task
+    from pipeline.jobs import Services, poll, segment_task_id
+    from pipeline.jobspec import JobSpec
+
+    fake_python = tmp_path / "fake-python"  # 40 frames written, then it waits to be told to finish
+    fake_python.write_text(f"#!{sys.executable}\nimport os, pathlib, time\n"
+                           "pathlib.Path(os.environ['WORKER_PROGRESS_FILE']).write_text('40')\n"
+                           "while not os.path.exists('finish'): time.sleep(0.05)\n"
+                           "open('out.mp4', 'wb').write(b'x'); print('{\"frames\": 48}')\n")
+    fake_python.chmod(0o755)
+    storage = LocalStorage(tmp_path / "storage")
+    compute = LocalCompute(storage, tmp_path / "scratch", python=str(fake_python), poll_wait_seconds=0.1)
+    job = JobSpec.from_dict({**job_spec("job-1", "input", "clip.mp4", {}, SETTINGS).to_dict(), "run": "r1"})
+    svc = Services(SETTINGS, storage, compute)
+    try:
+        compute.submit(job.run_id, [Task(segment_task_id(0, 0), ["stylize"], "work", f"{job.run_id}/seg-0.mp4")])
+        seen = [poll(job, svc, 1, {}, None) for _ in range(100)]
+        running = [p for p in seen if p["running"] and p["frames_done"]]
+        assert running and running[-1] == {"succeeded": 0, "running": 1, "failed": [], "frames_done": 40}
+        (tmp_path / "scratch" / job.run_id / segment_task_id(0, 0) / "finish").touch()
+        while (done := poll(job, svc, 1, {}, None))["succeeded"] == 0:
+            pass
+        assert done["frames_done"] == 48  # the summary's count, not the last progress
+    finally:
+        compute.close()
+
+
 def test_local_cleanup_waits_for_an_upload_in_flight_and_forgets_the_job(tmp_path: Path) -> None:
     """A segment whose upload began before the cancel lands before the cleanup removes the job's files (never
     after it), and a deleted job leaves nothing in memory: the same id can run again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.progress import STAGES
 from tests.media_helpers import display_aspect, frame_times, make_clip, sample_clip, video_stream_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +39,27 @@ def test_run_produces_the_whole_video(tmp_path: Path) -> None:
     assert frame_times(out) == frame_times(source)
     assert display_aspect(video_stream_info(out)) == display_aspect(video_stream_info(source))
     assert sorted(p.name for p in out.parent.iterdir()) == ["carphone.mp4"]  # no partial files beside it
-    # --json keeps stdout to the summary, and progress still shows on stderr: a line a stage off a terminal
-    stages = [line.split()[0] for line in result.stderr.splitlines() if line.strip()]
+    # --json keeps stdout to the summary, and progress still shows on stderr: off a terminal, a line when the
+    # stage changes or another quarter of the frames is done, so stages come in order and counts only grow
+    lines = [line.split() for line in result.stderr.splitlines() if line.strip()]
+    stages = [words[0].rstrip("…") for words in lines]
     assert "scoring" in stages and "stitching" in stages, result.stderr
-    assert stages.index("scoring") < stages.index("stitching") and len(stages) == len(set(stages)), stages
+    assert stages == sorted(stages, key=STAGES.index), stages
+    done = [int(words[2].split("/")[0]) for words in lines if words[0] == "scoring"]
+    assert done == sorted(done) and len(done) <= 5, result.stderr
+
+
+def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
+    from local.progress_view import ProgressView
+
+    stream = io.StringIO()
+    view = ProgressView(stream)
+    for done in (0, 5, 10, 24, 25, 26, 99, 100):
+        view.show({"stage": "scoring", "frames": {"done": done, "total": 100}})
+    view.show({"stage": "stitching", "frames": {"done": 100, "total": 100}})
+    view.close()
+    assert [line.split()[2] for line in stream.getvalue().splitlines()] == [
+        "0/100", "25/100", "99/100", "100/100", "100/100"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,18 @@ def test_json_summary(clip: Path, tmp_path: Path) -> None:
     assert summary["frames"] == 25 == len(frame_times(out))
     for key in ("seconds", "fps", "device", "decode_seconds", "score_seconds", "encode_seconds", "peak_rss_mb"):
         assert key in summary
+
+
+def test_progress_file_counts_frames_written_for_the_backend(clip: Path, tmp_path: Path) -> None:
+    """A backend that sets WORKER_PROGRESS_FILE reads a running task's frames from it: a whole number, never
+    above the range's frames, and no partial file left beside it."""
+    progress = tmp_path / "progress"
+    result = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(tmp_path / "seg.mp4"),
+                             "-s", "1", "--scorer", "identity", "--end", "1", "--json"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300, env={**os.environ, "WORKER_PROGRESS_FILE": str(progress)})
+    assert result.returncode == 0, result.stderr
+    assert 1 <= int(progress.read_text()) <= json.loads(result.stdout)["frames"] == 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress", "seg.mp4"]
 
 
 def _write(path: Path, data: bytes | str) -> Path:
