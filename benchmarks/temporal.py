@@ -13,9 +13,12 @@ frames (OpenCV DIS, medium preset, full resolution: not the flow the method itse
              over frame pairs. Lower is steadier.
   ghosting   mean absolute difference, in levels of 255, between an output and the same method's per-frame
              output over the pixels the previous frame cannot explain (disoccluded): what the past smears in.
-  boundary   with 2-second segments through `stylize run`: E_warp of the pairs that straddle a segment
-             boundary over the median pair's, over their neighbours', and over the same pairs' E_warp in a
-             one-segment run of the same clip (what the join itself adds, whatever the content there).
+  boundary   with 2-second segments through `stylize run` (bikes and Big Buck Bunny): E_warp of the pairs that
+             straddle a segment boundary over the median pair's, over their neighbours', and over the same
+             pairs' E_warp in a one-segment run of the same clip (what the join itself adds, whatever the
+             content there).
+  warm-up    with lossless output, how far a task's first frames are from the one-segment run's, for several
+             warm-up lengths and the worker's own: what is left of the blend state's difference at a join.
   cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
 
 Prints a table with the CPU flags and writes benchmarks/results/temporal-cpu.json.
@@ -30,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -205,6 +209,38 @@ def measure_boundaries(clip: Path, work: Path) -> dict:
     return result
 
 
+def measure_warmup(clip: Path, work: Path, lengths: tuple[int, ...] = (0, 10, 20, 30)) -> dict:
+    """How far a task's first frames are from the one-segment run's at the same place, for warm-up lengths k
+    (and the worker's own), with lossless output so that only the blend state can differ: the mean absolute
+    difference in levels at the first frame of a range starting at 2, 4, 6 and 8 s, and 5 frames on."""
+    from unittest import mock
+
+    from gpu_worker import temporal
+    from gpu_worker.runner import EncoderOptions, run_range
+    from gpu_worker.scoring import StyleScorer
+    from gpu_worker.style_spec import parse_style
+
+    scorer = StyleScorer(parse_style("7", "1", False, DEFAULT_TEMPORAL), device="cpu")
+    lossless = EncoderOptions(crf=0)
+    whole = work / "warmup-whole.mp4"
+    run_range(str(clip), whole, scorer, Fraction(0), Fraction(10), encoder=lossless, max_size=SIZE,
+              temporal=DEFAULT_TEMPORAL)
+    reference = frames_of(whole)
+    rate = len(reference) / 10
+    result: dict = {"clip": clip.name, "starts_s": [2, 4, 6, 8], "default_k": temporal.warmup_frames(DEFAULT_TEMPORAL)}
+    for k in (*lengths, result["default_k"]):
+        with mock.patch.object(temporal, "warmup_frames", lambda _value, k=k: k):
+            diffs = []
+            for start in result["starts_s"]:
+                run_range(str(clip), work / "warmup-seg.mp4", scorer, Fraction(start), Fraction(start) + Fraction(1, 4),
+                          encoder=lossless, max_size=SIZE, temporal=DEFAULT_TEMPORAL)
+                segment, first = frames_of(work / "warmup-seg.mp4"), round(start * rate)
+                diffs.append([round(float(np.abs(segment[n].astype(np.float32) - reference[first + n]).mean()), 2)
+                              for n in (0, 5)])
+        result[f"k={k}"] = diffs
+    return result
+
+
 def measure_cost(work: Path, frames: int = 40) -> dict:
     clip = make_clip(work / "cost720.mp4", 1280, 720, frames)
     result = {}
@@ -222,6 +258,7 @@ def main() -> int:
     parser.add_argument("--clips", default="bikes,bbb,cut")
     parser.add_argument("--temporal", default=str(DEFAULT_TEMPORAL), help="values to measure, e.g. 0.6,0.8,0.9")
     parser.add_argument("--no-boundaries", action="store_true")
+    parser.add_argument("--boundary-clips", default="bikes,bbb", help="clips to split into 2-second segments")
     parser.add_argument("--no-cost", action="store_true")
     parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "temporal-cpu.json")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "temporal-bikes.jpg",
@@ -238,18 +275,20 @@ def main() -> int:
             clip = cut_clip(work) if name == "cut" else clips[name]
             rows.append(measure_clip(name, clip, work, temporals, args.figure if not rows else None))
             print(json.dumps(rows[-1]), flush=True)
-        boundaries = None if args.no_boundaries else measure_boundaries(clips["bikes"], work)
+        boundaries = [] if args.no_boundaries else [measure_boundaries(clips[name], work)
+                                                    for name in filter(None, args.boundary_clips.split(","))]
+        warmup = None if args.no_boundaries else measure_warmup(clips["bikes"], work)
         cost = None if args.no_cost else measure_cost(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, boundaries, cost)
+    print_table(rows, boundaries, warmup, cost)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "cost": cost},
-                                        indent=2) + "\n")
+    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "warmup": warmup,
+                                         "cost": cost}, indent=2) + "\n")
     return 0
 
 
-def print_table(rows: list[dict], boundaries: dict | None, cost: dict | None) -> None:
+def print_table(rows: list[dict], boundaries: list[dict], warmup: dict | None, cost: dict | None) -> None:
     print("\n| clip | output | E_warp (×1e-3) | vs per-frame | ghosting (levels) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -257,12 +296,19 @@ def print_table(rows: list[dict], boundaries: dict | None, cost: dict | None) ->
             ghost = r["ghosting"].get(label)
             print(f"| {r['clip']} {r['size']} | {label} | {value * 1000:.3f} | {r['e_warp_vs_per_frame'][label]:.2f}× "
                   f"| {'' if ghost is None else f'{ghost:.2f}'} |")
-    if boundaries:
+    for joins in boundaries:
         for label in ("temporal", "per-frame"):
-            b = boundaries[label]
-            print(f"segment joins, {label} ({boundaries['segments']} segments of {boundaries['clip']}): "
+            b = joins[label]
+            print(f"segment joins, {label} ({joins['segments']} segments of {joins['clip']}): "
                   f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours', "
                   f"{b['vs_unsplit']} × the same pairs' in one segment")
+    if warmup:
+        print(f"warm-up (lossless, {warmup['clip']}, ranges from {warmup['starts_s']} s): mean |segment - one "
+              "segment| in levels at its first frame / 5 frames on")
+        for key, diffs in warmup.items():
+            if key.startswith("k="):
+                mark = " (the worker's)" if key == f"k={warmup['default_k']}" else ""
+                print(f"  {key}{mark}: {diffs}")
     if cost:
         print(f"cost at {cost['size']}: {cost['fps_on']} fps on vs {cost['fps_off']} off ({cost['cost']:.1%})")
 
