@@ -16,9 +16,9 @@ from tests.media_helpers import FFMPEG, RangeFileServer, frame_times, make_clip,
 REPO = Path(__file__).resolve().parents[1]
 
 
-def worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def worker(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpu_worker", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300)
+                          cwd=cwd or REPO, timeout=300, env={**os.environ, **(env or {})})
 
 
 def assert_bad_input(result: subprocess.CompletedProcess, message: str) -> None:
@@ -33,8 +33,8 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(tmp_path_factory.mktemp("clip"), "bframes", seconds=2, size="64x48")
 
 
-def identity(source: str, output: Path, *extra: str) -> subprocess.CompletedProcess:
-    return worker("stylize", source, str(output), "-s", "1", "--scorer", "identity", *extra)
+def identity(source: str, output: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return worker("stylize", source, str(output), "-s", "1", "--scorer", "identity", *extra, env=env)
 
 
 def test_json_summary(clip: Path, tmp_path: Path) -> None:
@@ -51,9 +51,8 @@ def test_progress_file_counts_frames_written_for_the_backend(clip: Path, tmp_pat
     """A backend that sets WORKER_PROGRESS_FILE reads a running task's frames from it: a whole number, never
     above the range's frames, and no partial file left beside it."""
     progress = tmp_path / "progress"
-    result = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(tmp_path / "seg.mp4"),
-                             "-s", "1", "--scorer", "identity", "--end", "1", "--json"], capture_output=True,
-                            text=True, cwd=REPO, timeout=300, env={**os.environ, "WORKER_PROGRESS_FILE": str(progress)})
+    result = identity(str(clip), tmp_path / "seg.mp4", "--end", "1", "--json",
+                      env={"WORKER_PROGRESS_FILE": str(progress)})
     assert result.returncode == 0, result.stderr
     assert 1 <= int(progress.read_text()) <= json.loads(result.stdout)["frames"] == 25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["progress", "seg.mp4"]
