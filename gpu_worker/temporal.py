@@ -83,9 +83,9 @@ class TemporalBlender:
         map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
         # occlusion: going back along `backward` then forward along `forward` must return to the start
         ahead = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        loop = np.square(backward + ahead).sum(axis=2)
-        moved = np.square(backward).sum(axis=2)  # squared length of each pixel's motion
-        consistent = loop <= 0.01 * (moved + np.square(ahead).sum(axis=2)) + 0.25
+        loop = _squared_length(backward + ahead)
+        moved = _squared_length(backward)  # squared length of each pixel's motion
+        consistent = loop <= 0.01 * (moved + _squared_length(ahead)) + 0.25
         # motion boundaries (Ruder et al. 2016): where the flow changes fast across the picture, the edge of
         # something moving, its warp smears one side onto the other; kept one pixel wider, because the small
         # frames blur that edge. This mask, rather than eroding all of the confidence, took Big Buck Bunny's
@@ -107,6 +107,12 @@ def _small_grey(rgb: np.ndarray) -> np.ndarray:
     if width <= FLOW_WIDTH:
         return grey
     return cv2.resize(grey, (FLOW_WIDTH, max(8, round(height * FLOW_WIDTH / width))), interpolation=cv2.INTER_AREA)
+
+
+def _squared_length(flow: np.ndarray) -> np.ndarray:
+    # per channel: numpy's sum over a last axis of 2 took 2 ms a call at 480x204, this 0.3
+    x, y = flow[..., 0], flow[..., 1]
+    return x * x + y * y
 
 
 _SQUARE_3 = np.ones((3, 3), np.uint8)
