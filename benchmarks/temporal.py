@@ -17,6 +17,9 @@ frames (OpenCV DIS, medium preset, full resolution: not the flow the method itse
              straddle a segment boundary over the median pair's, over their neighbours', and over the same
              pairs' E_warp in a one-segment run of the same clip (what the join itself adds, whatever the
              content there).
+  keyframes  the worker's lossless output encoded by its own writer in 2-second segments, and in one piece
+             with a keyframe forced at each join: each join pair's E_warp over the same pair in a plain
+             one-piece encode. What a join leaves beyond a keyframe's pulse is the join's own.
   warm-up    with lossless output, how far a task's first frames are from the one-segment run's, for several
              warm-up lengths and the worker's own: what is left of the blend state's difference at a join.
   cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
@@ -34,6 +37,7 @@ import shutil
 import sys
 import tempfile
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -177,14 +181,19 @@ def measure_clip(name: str, clip: Path, work: Path, temporals: list[float], figu
     return row
 
 
+def segment_joins(clip: Path, seconds: float = 2) -> tuple[list[int], list[float]]:
+    """The frames that begin a segment when ``clip`` is cut every ``seconds``, and every frame's time."""
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        times = [float(f.pts * stream.time_base) for f in container.decode(stream)]
+    return [i for i in range(1, len(times)) if int(times[i] // seconds) != int(times[i - 1] // seconds)], times
+
+
 def measure_boundaries(clip: Path, work: Path) -> dict:
     """`stylize run` in 2-second segments, with temporal on and off: each join's pair against the median
     pair of the whole clip, against its neighbours (6 pairs each side), whose motion is like its own, and
     against the same pair in a one-segment run."""
-    with av.open(str(clip)) as container:
-        stream = container.streams.video[0]
-        times = [float(f.pts * stream.time_base) for f in container.decode(stream)]
-    joins = [i for i in range(1, len(times)) if int(times[i] // 2) != int(times[i - 1] // 2)]
+    joins, times = segment_joins(clip)
     result: dict = {"clip": clip.name, "segments": len(joins) + 1}
     flows = None
     for label, value in (("temporal", DEFAULT_TEMPORAL), ("per-frame", 0.0)):
@@ -206,6 +215,53 @@ def measure_boundaries(clip: Path, work: Path) -> dict:
         result[label] = {"vs_median": [round(float(split[i - 1] / median), 2) for i in measured],
                          "vs_neighbours": [round(float(r), 2) for r in local],
                          "vs_unsplit": [round(float(split[i - 1] / whole[i - 1]), 2) for i in measured]}
+    return result
+
+
+def measure_keyframes(clip: Path, work: Path) -> dict:
+    """What is left at a join is the encoder's: the worker's lossless output for the whole clip, encoded by the
+    worker's own writer in 2-second segments (as the tasks do), in one piece, and in one piece with a keyframe
+    forced at each join (as any encode with 2-second GOPs has). Each join pair's E_warp over the one-piece
+    encode's: a join that costs no more than a keyframe has nothing left that the blend could fix."""
+    from gpu_worker import media
+    from gpu_worker.runner import EncoderOptions, run_range
+    from gpu_worker.scoring import StyleScorer
+    from gpu_worker.style_spec import parse_style
+
+    lossless = work / "keyframes-lossless.mp4"
+    run_range(str(clip), lossless, StyleScorer(parse_style("7", "1", False, DEFAULT_TEMPORAL), device="cpu"),
+              Fraction(0), None, encoder=EncoderOptions(crf=0), max_size=SIZE, temporal=DEFAULT_TEMPORAL)
+    frames = frames_of(lossless)
+    joins, _ = segment_joins(clip)
+    with av.open(str(lossless)) as container:
+        stream = container.streams.video[0]
+        pts = [f.pts for f in container.decode(stream)]
+        time_base, rate = stream.time_base, stream.average_rate
+
+    def encode(pieces: list[tuple[int, int]], keyframes: tuple[int, ...] = ()) -> np.ndarray:
+        decoded = []
+        for a, b in pieces:
+            writer = media.SegmentWriter(work / "keyframes.mp4", width=frames.shape[2], height=frames.shape[1],
+                                         time_base=time_base, sample_aspect_ratio=Fraction(1), frame_rate=rate,
+                                         matrix="itu709")
+            for i in range(a, b):
+                frame = writer.yuv_frame(frames[i])
+                if i in keyframes:
+                    frame.pict_type = av.video.frame.PictureType.I
+                writer.write(frame, pts[i])
+            writer.commit()
+            decoded.append(frames_of(work / "keyframes.mp4"))
+        return np.concatenate(decoded)
+
+    flows = Flows(np.stack([cv2.resize(f, frames.shape[2:0:-1], interpolation=cv2.INTER_AREA)
+                            for f in frames_of(clip)]))
+    bounds = [0, *joins, len(frames)]
+    one = np.array(flows.e_warp(encode([(0, len(frames))])))
+    result: dict = {"clip": clip.name}
+    for label, output in (("segments", encode(list(pairwise(bounds)))),
+                          ("keyframes", encode([(0, len(frames))], tuple(joins)))):
+        errors = np.array(flows.e_warp(output))
+        result[label] = [round(float(errors[i - 1] / one[i - 1]), 2) for i in joins if not np.isnan(one[i - 1])]
     return result
 
 
@@ -275,20 +331,22 @@ def main() -> int:
             clip = cut_clip(work) if name == "cut" else clips[name]
             rows.append(measure_clip(name, clip, work, temporals, args.figure if not rows else None))
             print(json.dumps(rows[-1]), flush=True)
-        boundaries = [] if args.no_boundaries else [measure_boundaries(clips[name], work)
-                                                    for name in filter(None, args.boundary_clips.split(","))]
+        joined = [] if args.no_boundaries else [clips[name] for name in filter(None, args.boundary_clips.split(","))]
+        boundaries = [measure_boundaries(clip, work) for clip in joined]
+        keyframes = [measure_keyframes(clip, work) for clip in joined]
         warmup = None if args.no_boundaries else measure_warmup(clips["bikes"], work)
         cost = None if args.no_cost else measure_cost(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, boundaries, warmup, cost)
+    print_table(rows, boundaries, keyframes, warmup, cost)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "warmup": warmup,
-                                         "cost": cost}, indent=2) + "\n")
+    args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "keyframes": keyframes,
+                                         "warmup": warmup, "cost": cost}, indent=2) + "\n")
     return 0
 
 
-def print_table(rows: list[dict], boundaries: list[dict], warmup: dict | None, cost: dict | None) -> None:
+def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict], warmup: dict | None,
+                cost: dict | None) -> None:
     print("\n| clip | output | E_warp (×1e-3) | vs per-frame | ghosting (levels) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -302,6 +360,9 @@ def print_table(rows: list[dict], boundaries: list[dict], warmup: dict | None, c
             print(f"segment joins, {label} ({joins['segments']} segments of {joins['clip']}): "
                   f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours', "
                   f"{b['vs_unsplit']} × the same pairs' in one segment")
+    for k in keyframes:
+        print(f"the joins of {k['clip']} in the worker's encoder, over the same pairs in one encode: segments "
+              f"{k['segments']}, one encode with a keyframe at each join {k['keyframes']}")
     if warmup:
         print(f"warm-up (lossless, {warmup['clip']}, ranges from {warmup['starts_s']} s): mean |segment - one "
               "segment| in levels at its first frame / 5 frames on")
