@@ -102,11 +102,12 @@ def network_ms(clip: Path, frames: int = 12) -> float:
     return (time.perf_counter() - began) / len(pictures) * 1000
 
 
-TASK = [sys.executable, "-m", "gpu_worker", "stylize"]
+def task_command(clip: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gpu_worker", "stylize", str(clip), str(out), "-s", "7", "--json", *extra]
 
 
 def task(clip: Path, out: Path, *extra: str) -> tuple[float, dict]:
-    wall, stdout = timed([*TASK, str(clip), str(out), "-s", "7", "--json", *extra], cwd=REPO)
+    wall, stdout = timed(task_command(clip, out, *extra), cwd=REPO)
     return wall, last_json(stdout)
 
 
@@ -126,7 +127,7 @@ def measure_clip(name: str, clip: Path, work: Path, rounds: int) -> dict:
     for label, extra in (("", []), ("_off", ["--temporal", "0"])):  # the default (temporal 0.9), and without
         commands[f"run{label}"] = [str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o", str(work / "run.mp4"),
                                    "--json", *extra]
-        commands[f"task{label}"] = [*TASK, str(clip), str(work / "task.mp4"), "-s", "7", "--json", *extra]
+        commands[f"task{label}"] = task_command(clip, work / "task.mp4", *extra)
     walls: dict[str, list[float]] = {key: [] for key in commands}
     per_frame: dict[str, list[float]] = {key: [] for key in commands if key.startswith("task")}
     first_frame: dict[str, list[float]] = {key: [] for key in per_frame}

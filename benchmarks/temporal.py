@@ -231,12 +231,12 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
     lossless = work / "keyframes-lossless.mp4"
     run_range(str(clip), lossless, StyleScorer(parse_style("7", "1", False, DEFAULT_TEMPORAL), device="cpu"),
               Fraction(0), None, encoder=EncoderOptions(crf=0), max_size=SIZE, temporal=DEFAULT_TEMPORAL)
-    frames = frames_of(lossless)
     joins, _ = segment_joins(clip)
     with av.open(str(lossless)) as container:
         stream = container.streams.video[0]
-        pts = [f.pts for f in container.decode(stream)]
+        decoded = list(container.decode(stream))
         time_base, rate = stream.time_base, stream.average_rate
+    frames, pts = np.stack([f.to_ndarray(format="rgb24") for f in decoded]), [f.pts for f in decoded]
 
     def encode(pieces: list[tuple[int, int]], keyframes: tuple[int, ...] = ()) -> np.ndarray:
         decoded = []
