@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -118,7 +117,7 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
     # Limits and defaults come from the same settings as in Azure (MAX_DURATION_SECONDS, …); where work runs
     # is this machine, whatever the environment says.
     settings = replace(Settings.from_env(), storage="local", storage_root=work, compute="local",
-                       local_workers=max(1, args.workers), poll_seconds=0.5,
+                       local_workers=max(1, args.workers), poll_seconds=0.1,
                        **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
     runtime.configure(settings)
     # The video and a style image are linked into the local "containers", never copied.
@@ -192,12 +191,13 @@ def _follow(host, job_id: str) -> dict:
 
     view = ProgressView()
     while True:
-        status = host.status(job_id) or {}
-        if status.get("runtimeStatus") in ("Completed", "Failed", "Terminated"):
-            view.close()
-            return status
-        view.show(status.get("customStatus") or {})
-        time.sleep(0.25)
+        try:  # wakes the moment the job ends, else redraws the progress four times a second
+            status = host.wait(job_id, timeout=0.25)
+        except TimeoutError:
+            view.show((host.status(job_id) or {}).get("customStatus") or {})
+            continue
+        view.close()
+        return status
 
 
 def _link(source: Path, target: Path) -> None:

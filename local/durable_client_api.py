@@ -70,8 +70,10 @@ class DurableHttpApi:
         self.origin = f"http://127.0.0.1:{self.port}"
         self.rpc_base_url = f"{self.origin}{RPC_PREFIX}"
         self.base_url = f"{self.origin}{WEBHOOK_PREFIX.rstrip('/')}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="durable-http-api",
-                                        daemon=True)
+        # serve_forever checks for shutdown every poll_interval: its default 0.5 s was the last half second
+        # of every `stylize run`
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="durable-http-api", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
