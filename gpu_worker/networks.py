@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker import colour
+from gpu_worker import colour, wide_convs
 
 NUM_STYLES = 26
 STYLE_VECTOR_SIZE = 100
@@ -58,12 +58,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Ten
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="reflect")
     return x
-
-
-def _upsample2x(x: torch.Tensor) -> torch.Tensor:
-    # Nearest-neighbour x2; the ONNX Resize ops use "asymmetric" + "floor",
-    # which is exactly what torch's "nearest" does.
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
 def _reflect_conv(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -100,9 +94,7 @@ class MultiStyleConv(nn.Module):
         self.norm = ConditionalInstanceNorm(cout)
 
     def forward(self, x: torch.Tensor, style_weights: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
-            x = _upsample2x(x)
-        return self.norm(self.conv(x), style_weights)
+        return self.norm(wide_convs.reflect_conv(self.conv, x, upsample=self.upsample), style_weights)
 
 
 class MultiStyleResidual(nn.Module):
@@ -258,9 +250,7 @@ class StyleConv(nn.Module):
         self.norm = StyleNorm(cout)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
-            x = _upsample2x(x)
-        return self.norm(self.conv(x), style)
+        return self.norm(wide_convs.reflect_conv(self.conv, x, upsample=self.upsample), style)
 
 
 class StyleResidual(nn.Module):

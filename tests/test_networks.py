@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_worker import networks, weights
+from gpu_worker import networks, weights, wide_convs
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -128,6 +128,26 @@ def test_multistyle_keeps_channels_last(nets):
     with torch.inference_mode():
         y = net(x, torch.from_numpy(_styles()["blend"]))
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("upsample, kernel, cin, cout, size", [
+    (True, 3, 8, 4, (12, 20)), (True, 3, 32, 16, (9, 7)),  # the expanding convs, odd sizes too
+    (False, 9, 4, 3, (16, 24)), (False, 9, 8, 3, (20, 12)),  # the last conv (the networks pad to 4s)
+    (False, 9, 3, 32, (18, 22)), (False, 3, 32, 32, (12, 12)),  # not rewritten: the direct form
+])
+def test_wide_conv_equals_the_direct_convolution(upsample, kernel, cin, cout, size):
+    # The CPU's wide forms must compute what nearest x2 + reflect-padded conv does, edges and bias included.
+    generator = torch.Generator().manual_seed(kernel * cin + cout)
+    conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2, padding_mode="reflect")
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator))
+    x = torch.rand(2, cin, *size, generator=generator).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest") if upsample else x)
+        got = wide_convs.reflect_conv(conv, x, upsample=upsample)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_instance_norm_float16_statistics_do_not_overflow():
