@@ -11,7 +11,7 @@ For each clip, at its full size and style 7:
   (run and task each twice: at the default temporal 0.9, and with --temporal 0, which is the peer's default
   and does the engine's work)
   engine     in process: the network alone on the same frames, plus the codec path (the identity scorer
-             through the task command), per frame — what the task command is measured against
+             through the task command), per frame, in every round — what the task command is measured against
 with --cold, also a first run on a machine that has never run the worker (a new HOME: no converted weights,
 no compiled network), as it goes without and with `python -m gpu_worker prepare` (what `make` runs once);
 and for the codec check, on a 1080p clip: the task command with the identity scorer (decode → RGB → YUV
@@ -130,7 +130,13 @@ def measure_clip(name: str, clip: Path, work: Path, rounds: int) -> dict:
     walls: dict[str, list[float]] = {key: [] for key in commands}
     per_frame: dict[str, list[float]] = {key: [] for key in commands if key.startswith("task")}
     first_frame: dict[str, list[float]] = {key: [] for key in per_frame}
+    engine: dict[str, list[float]] = {"codec": [], "network": []}
     for _ in range(rounds):
+        # the engine in the same round as the commands it is held against: the network alone in this process,
+        # and the codec path (the identity scorer through the task command)
+        _, identity = task(clip, work / "identity.mp4", "--scorer", "identity")
+        engine["codec"].append(1000 / identity["fps"])
+        engine["network"].append(network_ms(clip))
         for key, command in commands.items():
             wall, stdout = timed(command, cwd=REPO)
             walls[key].append(wall)
@@ -149,13 +155,13 @@ def measure_clip(name: str, clip: Path, work: Path, rounds: int) -> dict:
     # issue 12's cost: the share of end-to-end fps the temporal stage takes, task command and stylize run
     row["temporal_cost_task"] = median(1 - off / on for on, off in zip(walls["task"], walls["task_off"], strict=True))
     row["temporal_cost_run"] = median(1 - off / on for on, off in zip(walls["run"], walls["run_off"], strict=True))
-    _, identity = task(clip, work / "identity.mp4", "--scorer", "identity")
-    row["codec_ms_per_frame"] = 1000 / identity["fps"]
-    row["network_ms_per_frame"] = network_ms(clip)
+    row["codec_ms_per_frame"] = median(engine["codec"])
+    row["network_ms_per_frame"] = median(engine["network"])
     # the engine is the network plus the codec path, so the task it is held against does the same work: no
     # temporal stage (what that stage adds is its own column, and issue 12's cost figure)
-    engine = row["network_ms_per_frame"] + row["codec_ms_per_frame"]
-    row["task_vs_engine"] = row["task_off_ms_per_frame"] / engine
+    row["task_vs_engine"] = median(task / (network + codec) for task, network, codec
+                                   in zip(per_frame["task_off"], engine["network"], engine["codec"], strict=True))
+    row["rounds"]["engine_ms"] = {key: [round(v, 1) for v in values] for key, values in engine.items()}
     if "peer" in walls:
         for key in ("run", "task", "run_off", "task_off"):
             row[f"{key}_vs_peer"] = median(p / w for p, w in zip(walls["peer"], walls[key], strict=True))
