@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from statistics import median
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

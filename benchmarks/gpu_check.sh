@@ -8,7 +8,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
 fi
-export GPU_WORKER_CACHE=/tmp/gpu-worker-cache PYTHONUNBUFFERED=1 GPU_WORKER_CPU_COMPILE=0
+export GPU_WORKER_CACHE=/tmp/gpu-worker-cache OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 GPU_WORKER_CPU_COMPILE=0
 results="${OUT:-benchmarks/results}"
 mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -161,7 +161,7 @@ def test_stylize_run_says_the_same_in_one_line(case: Case, clip: Path, other_hos
     out = tmp_path / "out" / "result.mp4"
     style = str(tmp_path / "in" / case.style) if case.style.endswith(".jpg") else case.style
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MAX_DURATION_SECONDS": "3", "MAX_FRAME_SIDE": "1000",
-           "GPU_WORKER_CACHE": os.environ["GPU_WORKER_CACHE"]}
+           "GPU_WORKER_CACHE": os.environ["GPU_WORKER_CACHE"], "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run([sys.executable, "-m", "local.cli", "run", str(source), "-s", style, "-o", str(out)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 2, result.stderr
