@@ -7,6 +7,8 @@ container behaviour from the network (the network has its own tests).
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import av
 import pytest
 
 from gpu_worker import media
-from gpu_worker.runner import run_range
+from gpu_worker.runner import CODEC_NICE, run_range
 from gpu_worker.scoring import IdentityScorer
 from gpu_worker.stitch import stitch
 from tests.media_helpers import (
@@ -176,3 +178,29 @@ def test_pixels_survive_the_round_trip(case: str, tmp_path: Path) -> None:
     assert ours < ffmpegs + 1.0, (ours, ffmpegs)
 
 
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is a Linux notion")
+def test_on_the_cpu_the_codec_threads_give_way_to_the_network(tmp_path: Path) -> None:
+    source = make_clip(tmp_path, "bframes", seconds=1)
+    seen: dict[str, int] = {}
+
+    def nice(tid: int) -> int:
+        return int((Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2]).split()[16])
+
+    class Watching(IdentityScorer):
+        def score(self, frames):
+            if not seen:
+                seen["scoring"] = nice(threading.get_native_id())
+                for thread in threading.enumerate():
+                    if thread.name in ("decoder", "encoder"):
+                        seen[thread.name] = nice(thread.native_id)
+                for task in Path("/proc/self/task").iterdir():
+                    if (task / "comm").read_text().startswith("av:"):
+                        seen[f"ffmpeg {task.name}"] = nice(int(task.name))
+            return frames
+
+    run_range(str(source), tmp_path / "out.mp4", Watching())
+    assert seen.pop("scoring") == 0  # the thread that runs the network keeps its priority
+    assert {"decoder", "encoder"} <= seen.keys() and any(name.startswith("ffmpeg") for name in seen)
+    assert all(value >= CODEC_NICE for value in seen.values()), seen
