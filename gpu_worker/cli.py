@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "summary lists every track: kept how, or dropped why)")
     t.add_argument("--json", action="store_true")
 
+    sub.add_parser("standby", help="import what a task needs, then run the one task whose command line arrives on "
+                                   "stdin as JSON (a local compute backend starts one before it has work)")
     sub.add_parser("prepare-weights", help="convert the shipped networks to torch once (image build time)")
     sub.add_parser("prepare", help="convert the networks and compile them for this machine's CPU (install time)")
     return parser
@@ -114,6 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         result = stitch(segments, args.output, args.audio_from, http_headers=headers)
         _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames, audio {result.audio}"
                                       f"{_dropped(result.tracks)}")
+    elif args.command == "standby":
+        return _standby()
     elif args.command == "prepare-weights":
         from gpu_worker.weights import prepare_all
 
@@ -151,6 +155,27 @@ def _read_list(ref: str, headers: dict | None) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
         raise InputError("the segment list must be a JSON array of paths or URLs")
     return items
+
+
+def _standby() -> int:
+    """Import torch, PyAV and the pipeline now, then wait for one task on stdin:
+    ``{"args": [...], "cwd": "...", "env": {...}}``, run as if it were this process's command line.
+
+    The imports are ~1 s of a task's fixed cost (more from a cold disk); a backend that starts this while it
+    is busy elsewhere (``stylize run`` while its host imports) takes that second off the task. The task's
+    fixed cost then counts from the hand-off, which is when it began for whoever waits on it.
+    """
+    import gpu_worker
+    from gpu_worker import compiled, runner, scoring, temporal  # noqa: F401  the imports are the point
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return EXIT_OK  # closed without work: the backend ended first
+    request = json.loads(line)
+    os.chdir(request["cwd"])
+    os.environ.update(request["env"])
+    gpu_worker.STARTED = time.monotonic()
+    return main(request["args"])
 
 
 def _stylize(args: argparse.Namespace) -> int:

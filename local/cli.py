@@ -96,9 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".mp4":
         raise InputError(f"output must be an .mp4 file, got {args.output.name}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="stylize-"))
+    from pipeline import compute
+
+    compute.start_standby()  # the first worker imports torch while this process imports the host
     try:
         return _run_job(args, work)
     finally:
+        compute.stop_standbys()
         from pipeline import telemetry
 
         telemetry.shutdown()  # send what the run recorded (bounded wait); a no-op without a connection string
