@@ -286,12 +286,17 @@ def _lower_codec_priority(decoder_threads: bool = False) -> None:
         return
     own = [0]
     if decoder_threads:
-        with contextlib.suppress(OSError):
-            own += [int(t.name) for t in Path("/proc/self/task").iterdir()
-                    if (t / "comm").read_text().startswith("av:")]
+        own += [int(t.name) for t in Path("/proc/self/task").iterdir() if _thread_name(t).startswith("av:")]
     for tid in own:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a thread may end meanwhile
             os.setpriority(os.PRIO_PROCESS, tid, max(CODEC_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
+
+
+def _thread_name(task: Path) -> str:
+    try:
+        return (task / "comm").read_text()
+    except OSError:  # the thread ended since the folder was listed
+        return ""
 
 
 def split_range(source: str, http_headers: Mapping[str, str] | None, start: Fraction, end: Fraction | None,
