@@ -240,13 +240,13 @@ class LocalCompute:
 
     def _run(self, job: _LocalJob, job_id: str, task: Task) -> TaskState:
         workdir = self.scratch / job_id / task.id
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
         # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
         # WORKER_PROGRESS_FILE: where the worker keeps its count of frames written, which poll reads
         per_task = {"WORKER_PROGRESS_FILE": str(workdir / PROGRESS_FILE)}
         canceled = TaskState(task.id, "failed", error="canceled")
-        try:
+        try:  # everything in here fails the task, never this worker thread (later tasks would wait forever)
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
             headers = self.storage.reader_headers()  # Blob Storage with an identity: workers read with its
             if headers:  # token, passed in the environment (or a standby's stdin), never on the command line
                 per_task["WORKER_STORAGE_TOKEN"] = headers["Authorization"].removeprefix("Bearer ")

@@ -173,3 +173,43 @@ def test_stylize_status_follows_a_job_over_http(local_app, clip: Path) -> None:
     assert final["runtime_status"] == "Completed" and final["frames"]["done"] == len(frame_times(clip))
     assert set(seen_keys[:-1]) == {"k3y"}
     assert missing.returncode == 2 and "status endpoint answered 404" in missing.stderr
+
+
+def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Path) -> None:
+    """`stylize run` starts a worker before it knows the task, so torch imports while the host does: the task
+    it takes writes the same output, reports the same summary and fails the same way as a fresh process."""
+    import av
+
+    from pipeline import compute as backend
+    from pipeline.compute import LocalCompute, Task
+    from tests.media_helpers import make_clip
+
+    clip = make_clip(tmp_path, "bframes", seconds=1)
+    from pipeline.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "storage")
+    local = LocalCompute(storage, tmp_path / "scratch", poll_wait_seconds=0.2)
+    standbys = []
+    try:
+        for task_id, start in (("good", "0"), ("empty", "50")):
+            backend.start_standby()
+            standbys.append(backend._standbys[-1][1])
+            local.submit("job", [Task(task_id, ["stylize", str(clip), "out.mp4", "-s", "7", "--scorer", "identity",
+                                                "--start", start, "--json"], "work", f"job/{task_id}.mp4")])
+            while (state := local.poll("job")[task_id]).state in ("pending", "running"):
+                pass
+            assert standbys[-1].poll() is not None  # the standby ran it (an idle one waits on its stdin)
+            if task_id == "good":
+                assert state.state == "succeeded" and state.summary["frames"] == 25, state
+                with av.open(str(tmp_path / "storage" / "work" / "job" / "good.mp4")) as out:
+                    assert sum(1 for _ in out.decode(video=0)) == 25
+            else:  # bad input: exit 2 and the one-line reason, as from a fresh process
+                assert state.state == "failed" and state.exit_code == 2, state
+                assert "no video frames in [50.0, end) s" in state.error
+        backend.start_standby()  # one nobody takes ends when its starter is done
+        idle = backend._standbys[-1][1]
+        backend.stop_standbys()
+        assert idle.returncode == 0 and backend._standbys == []
+    finally:
+        local.close()
+        backend.stop_standbys()
