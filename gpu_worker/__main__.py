@@ -4,7 +4,8 @@ import sys
 # Before torch loads OpenMP: idle OpenMP threads must sleep, not spin, or they starve the decoder and the
 # encoder threads that share these cores (measured: identity pass 24 fps spinning vs 103 fps passive). A short
 # spin (GOMP_SPINCOUNT=30000) made one task alone on 2 cores ~8% faster, and two workers sharing them 1.47x
-# slower (the fault-matrix tests, local_workers=2: 185 vs 126 s); so it is left to a node that runs one task.
+# slower (the fault-matrix tests, local_workers=2: 185 vs 126 s); so it is left to whoever knows this worker
+# has the machine to itself (pipeline.compute.worker_environment).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

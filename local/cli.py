@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="stylize-"))
     from pipeline import compute
 
-    compute.start_standby()  # the first worker imports torch while this process imports the host
+    compute.start_standby(workers=max(1, args.workers))  # it imports torch while this process imports the host
     try:
         return _run_job(args, work)
     finally:

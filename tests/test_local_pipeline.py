@@ -193,7 +193,7 @@ def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Pat
     try:
         for task_id, start in (("good", "0"), ("empty", "50")):
             backend.start_standby()
-            standbys.append(backend._standbys[-1][1])
+            standbys.append(backend._standbys[-1][2])
             local.submit("job", [Task(task_id, ["stylize", str(clip), "out.mp4", "-s", "7", "--scorer", "identity",
                                                 "--start", start, "--json"], "work", f"job/{task_id}.mp4")])
             while (state := local.poll("job")[task_id]).state in ("pending", "running"):
@@ -207,7 +207,7 @@ def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Pat
                 assert state.state == "failed" and state.exit_code == 2, state
                 assert "no video frames in [50.0, end) s" in state.error
         backend.start_standby()  # one nobody takes ends when its starter is done
-        idle = backend._standbys[-1][1]
+        idle = backend._standbys[-1][2]
         backend.stop_standbys()
         assert idle.returncode == 0 and backend._standbys == []
     finally:

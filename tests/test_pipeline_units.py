@@ -204,6 +204,34 @@ def test_local_poll_answers_at_news_and_waits_quietly_between(tmp_path: Path) ->
         compute.close()
 
 
+@pytest.mark.parametrize(("workers", "own", "spin"), [(1, None, "30000"), (2, None, None), (1, "0", "0")])
+def test_only_a_worker_alone_on_the_machine_lets_its_threads_spin(tmp_path: Path, monkeypatch, workers: int,
+                                                                    own: str | None, spin: str | None) -> None:
+    """Torch's OpenMP threads may spin between kernels when one worker has the cores (faster), never when
+    workers share them (1.47x slower); a setting of the caller's own wins either way."""
+    import sys
+
+    from pipeline.compute import LocalCompute, Task
+
+    if own is None:
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    else:
+        monkeypatch.setenv("GOMP_SPINCOUNT", own)
+    fake_python = tmp_path / "fake-python"  # writes what its environment says as its output
+    fake_python.write_text(f"#!{sys.executable}\nimport os\n"
+                           "open('out.mp4', 'w').write(os.environ.get('GOMP_SPINCOUNT', 'unset'))\n")
+    fake_python.chmod(0o755)
+    compute = LocalCompute(LocalStorage(tmp_path / "storage"), tmp_path / "scratch", workers=workers,
+                           python=str(fake_python), poll_wait_seconds=0.1)
+    try:
+        compute.submit("job", [Task("seg-0", ["stylize"], "work", "job/seg-0.mp4")])
+        while compute.poll("job")["seg-0"].state in ("pending", "running"):
+            pass
+        assert (tmp_path / "storage" / "work" / "job" / "seg-0.mp4").read_text() == (spin or "unset")
+    finally:
+        compute.close()
+
+
 def test_a_running_local_task_reports_its_frames_so_far(tmp_path: Path) -> None:
     """One long segment shows progress while it runs (not 0 until it ends): poll reads the count the worker
     keeps, and the job's frames done add it to the finished segments' frames."""
