@@ -98,16 +98,13 @@ def start_standby(python: str = sys.executable, workers: int = 1) -> None:
 
 
 def stop_standbys() -> None:
-    """End the standbys no task took (closing stdin tells them; killed if they do not go at once)."""
+    """End the standbys no task took: they hold no work, so they are killed, even mid-import."""
     with _standby_lock:
         procs = [proc for _, _, proc in _standbys]
         _standbys.clear()
     for proc in procs:
-        try:
-            proc.communicate(timeout=2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        proc.kill()
+        proc.communicate()
 
 
 def _take_standby(python: str, workers: int) -> subprocess.Popen | None:
