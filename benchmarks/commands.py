@@ -38,9 +38,12 @@ import time
 from pathlib import Path
 from statistics import median
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from gpu_worker import set_openmp_defaults  # noqa: E402
+
+set_openmp_defaults()  # as the task command does, before torch loads
 
 from benchmarks.worker import make_clip, sample_clip  # noqa: E402
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -40,9 +39,12 @@ from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from gpu_worker import set_openmp_defaults  # noqa: E402
+
+set_openmp_defaults()  # as the task command does, before torch loads
 
 import av  # noqa: E402
 import cv2  # noqa: E402

@@ -26,15 +26,18 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import av
-import torch
+from gpu_worker import set_openmp_defaults
 
-from gpu_worker.runner import EncoderOptions, run_range
-from gpu_worker.scoring import IdentityScorer, StyleScorer
-from gpu_worker.style_spec import parse_style
+set_openmp_defaults()  # as the task command does, before torch loads
+
+import av  # noqa: E402
+import torch  # noqa: E402
+
+from gpu_worker.runner import EncoderOptions, run_range  # noqa: E402
+from gpu_worker.scoring import IdentityScorer, StyleScorer  # noqa: E402
+from gpu_worker.style_spec import parse_style  # noqa: E402
 
 SIZES = {360: (640, 360), 720: (1280, 720), 1080: (1920, 1080)}
 

@@ -1,12 +1,9 @@
 import os
 import sys
 
-# Before torch loads OpenMP: idle OpenMP threads must sleep, not spin, or they starve the decoder and the
-# encoder threads that share these cores (measured: identity pass 24 fps spinning vs 103 fps passive). A short
-# spin (GOMP_SPINCOUNT=30000) made one task alone on 2 cores ~8% faster, and two workers sharing them 1.47x
-# slower (the fault-matrix tests, local_workers=2: 185 vs 126 s); so it is left to whoever knows this worker
-# has the machine to itself (pipeline.compute.worker_environment).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from gpu_worker import set_openmp_defaults
+
+set_openmp_defaults()
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gpu_worker/__main__.py: before torch is imported
 import shutil
 import socket
 import subprocess
@@ -14,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from gpu_worker import set_openmp_defaults
+
+set_openmp_defaults()  # as gpu_worker/__main__.py does, before any test imports torch
 REPO = Path(__file__).resolve().parents[1]
 AZURITE = REPO / "node_modules" / ".bin" / "azurite-blob"
 # Azurite's published development account (a well-known constant, not a secret).
