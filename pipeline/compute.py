@@ -82,19 +82,25 @@ def worker_environment(workers: int) -> dict[str, str]:
     return {"GOMP_SPINCOUNT": "30000"} if workers == 1 else {}
 
 
-def start_standby(python: str = sys.executable, workers: int = 1) -> None:
+def _worker_env(workers: int) -> dict[str, str]:
+    """The environment every worker process starts with, fresh or standing by."""
+    # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
+    return {**worker_environment(workers), **os.environ, "PYTHONUNBUFFERED": "1",
+            "WORKER_PARENT_PID": str(os.getpid())}
+
+
+def start_standby(python: str = sys.executable, workers: int = 1) -> subprocess.Popen:
     """Start a worker that imports torch and the codecs now and then waits for its task on stdin.
 
     For a caller that knows work is coming before it can say what: ``stylize run`` starts one before its host
     imports, and the first task then starts ~1 s sooner. Whoever starts one calls :func:`stop_standbys` when
     done; a standby also dies with the thread that started it (``WORKER_PARENT_PID``).
     """
-    env = {**worker_environment(workers), **os.environ, "PYTHONUNBUFFERED": "1",
-           "WORKER_PARENT_PID": str(os.getpid())}
-    proc = subprocess.Popen([python, "-m", "gpu_worker", "standby"], env=env, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([python, "-m", "gpu_worker", "standby"], env=_worker_env(workers), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with _standby_lock:
         _standbys.append((python, workers, proc))
+    return proc
 
 
 def stop_standbys() -> None:
@@ -250,7 +256,6 @@ class LocalCompute:
 
     def _run(self, job: _LocalJob, job_id: str, task: Task) -> TaskState:
         workdir = self.scratch / job_id / task.id
-        # WORKER_PARENT_PID: the worker dies with this process (a killed `stylize run` leaves no workers)
         # WORKER_PROGRESS_FILE: where the worker keeps its count of frames written, which poll reads
         per_task = {"WORKER_PROGRESS_FILE": str(workdir / PROGRESS_FILE)}
         canceled = TaskState(task.id, "failed", error="canceled")
@@ -270,9 +275,7 @@ class LocalCompute:
                 if proc is not None:
                     request = json.dumps({"args": task.args, "cwd": str(workdir), "env": per_task}) + "\n"
                 else:
-                    env = {**worker_environment(self.workers), **os.environ, **task.env, **per_task,
-                           "PYTHONUNBUFFERED": "1",
-                           "WORKER_PARENT_PID": str(os.getpid())}
+                    env = {**_worker_env(self.workers), **task.env, **per_task}
                     proc = subprocess.Popen([self.python, "-m", "gpu_worker", *task.args], cwd=workdir, env=env,
                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True)

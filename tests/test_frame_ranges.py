@@ -179,8 +179,6 @@ def test_pixels_survive_the_round_trip(case: str, tmp_path: Path) -> None:
     assert ours < ffmpegs + 1.0, (ours, ffmpegs)
 
 
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is a Linux notion")
 def test_on_the_cpu_the_codec_threads_give_way_to_the_network(tmp_path: Path) -> None:
     source = make_clip(tmp_path, "bframes", seconds=1)

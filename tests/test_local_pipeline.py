@@ -182,18 +182,16 @@ def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Pat
 
     from pipeline import compute as backend
     from pipeline.compute import LocalCompute, Task
+    from pipeline.storage import LocalStorage
     from tests.media_helpers import make_clip
 
     clip = make_clip(tmp_path, "bframes", seconds=1)
-    from pipeline.storage import LocalStorage
-
     storage = LocalStorage(tmp_path / "storage")
     local = LocalCompute(storage, tmp_path / "scratch", poll_wait_seconds=0.2)
     standbys = []
     try:
         for task_id, start in (("good", "0"), ("empty", "50")):
-            backend.start_standby()
-            standbys.append(backend._standbys[-1][2])
+            standbys.append(backend.start_standby())
             local.submit("job", [Task(task_id, ["stylize", str(clip), "out.mp4", "-s", "7", "--scorer", "identity",
                                                 "--start", start, "--json"], "work", f"job/{task_id}.mp4")])
             while (state := local.poll("job")[task_id]).state in ("pending", "running"):
@@ -206,8 +204,7 @@ def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Pat
             else:  # bad input: exit 2 and the one-line reason, as from a fresh process
                 assert state.state == "failed" and state.exit_code == 2, state
                 assert "no video frames in [50.0, end) s" in state.error
-        backend.start_standby()  # one nobody takes ends when its starter is done
-        idle = backend._standbys[-1][2]
+        idle = backend.start_standby()  # one nobody takes ends when its starter is done
         backend.stop_standbys()
         assert idle.returncode is not None and backend._standbys == []
     finally:
