@@ -251,7 +251,7 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
                 if i in keyframes:
                     frame.pict_type = av.video.frame.PictureType.I
                 writer.write(frame, pts[i])
-            writer.commit()
+            writer.commit(continues=b < len(frames))  # as a task whose range ends before the video does
             decoded.append(frames_of(work / "keyframes.mp4"))
         return np.concatenate(decoded)
 

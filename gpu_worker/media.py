@@ -383,6 +383,11 @@ def mp4_timescales(time_base: Fraction) -> dict[str, str]:
     return {"video_track_timescale": str(scale), "movie_timescale": str(scale)}
 
 
+# x264's rc-lookahead for each preset (its presets table): how far ahead the encoder plans its bits
+X264_LOOKAHEAD = {"ultrafast": 0, "superfast": 0, "veryfast": 10, "faster": 20, "fast": 30, "medium": 40,
+                  "slow": 50, "slower": 60, "veryslow": 60, "placebo": 60}
+
+
 class SegmentWriter:
     """Encode I420 frames with their source pts into H.264 MP4, written atomically.
 
@@ -393,6 +398,9 @@ class SegmentWriter:
     Frames go to a hidden temporary file beside ``path``; :meth:`commit` renames it into place and
     :meth:`abort` (or leaving the ``with`` block by an exception) deletes it, so a failed run leaves
     nothing at ``path``. The first frame is an IDR frame, as every fresh x264 stream starts with one.
+
+    A segment that another one follows is committed with ``continues=True``: x264 then plans its last frame as
+    if the picture went on (:meth:`commit`), so the join costs what a keyframe costs in a one-piece encode.
     """
 
     def __init__(
@@ -427,6 +435,11 @@ class SegmentWriter:
         ctx.thread_type = "AUTO"
         ctx.options = {"preset": preset, "crf": str(crf)}
         self._stream = stream
+        self._lookahead = X264_LOOKAHEAD.get(preset, 10)
+        # One frame is held back until the next arrives, so that commit(continues=True) can still choose how
+        # the last one is coded.
+        self._held: av.VideoFrame | None = None
+        self._step = 1  # the last pts step seen, for the frames commit() adds after the last one
 
     def write(self, pixels: np.ndarray | av.VideoFrame, pts: int) -> None:
         """One frame with its source pts: I420 planes ([height*3/2, width] uint8, in this stream's range) or an
@@ -434,7 +447,10 @@ class SegmentWriter:
         frame = pixels if isinstance(pixels, av.VideoFrame) else av.VideoFrame.from_ndarray(pixels, format="yuv420p")
         frame.pts = pts
         frame.color_range = self._range
-        self._container.mux(self._stream.encode(frame))
+        if self._held is not None:
+            self._step = max(1, pts - self._held.pts)
+            self._container.mux(self._stream.encode(self._held))
+        self._held = frame
         self.frames += 1
 
     def yuv_frame(self, rgb: np.ndarray) -> av.VideoFrame:
@@ -445,10 +461,36 @@ class SegmentWriter:
             width=self.width, height=self.height, format="yuv420p", interpolation="AREA", src_colorspace=self.matrix,
             dst_colorspace=self.matrix, src_color_range=2, dst_color_range=self._range)
 
-    def commit(self) -> None:
-        self._container.mux(self._stream.encode(None))
+    def commit(self, continues: bool = False) -> None:
+        """Finish the stream and move it into place.
+
+        ``continues``: more of the video follows in another segment. A stream's last frames are otherwise coded
+        as an end (x264's look-ahead sees nothing after them, so its macroblock tree spends fewer bits there),
+        and together with the next segment's opening keyframe that showed as a pulse at each join: 1.05-1.39x
+        the same frame pair in a one-piece encode on bikes.mp4, 1.48 / 6.14x on Big Buck Bunny. Here the last
+        frame is coded as a P frame (nothing after it can refer back into the segment) and followed by copies
+        of itself, one look-ahead long, whose packets are dropped: 1.04-1.22x and 1.30 / 4.91x, what a keyframe
+        forced at the same place in a one-piece encode measures (1.05-1.23x, 1.33 / 4.83x).
+        """
+        last = self._held
+        if last is not None:
+            tail = self._lookahead if continues and self.frames > 1 else 0
+            if tail:
+                last.pict_type = av.video.frame.PictureType.P
+            self._mux_up_to(last.pts, self._stream.encode(last))
+            planes = last.to_ndarray() if tail else None
+            for n in range(1, tail + 1):
+                copy = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+                copy.pts, copy.color_range = last.pts + n * self._step, self._range
+                self._mux_up_to(last.pts, self._stream.encode(copy))
+            self._mux_up_to(last.pts, self._stream.encode(None))
+        else:
+            self._container.mux(self._stream.encode(None))
         self._container.close()
         os.replace(self.tmp, self.path)
+
+    def _mux_up_to(self, last_pts: int, packets: list[av.Packet]) -> None:
+        self._container.mux([p for p in packets if p.pts is None or p.pts <= last_pts])
 
     def abort(self) -> None:
         with suppress(Exception):

@@ -239,7 +239,7 @@ def _run_single(
                 raise InputError(f"no video frames in [{float(start)}, {_fmt(end)}) s of {Path(source).name}",
                                  field="range")
             t0 = time.perf_counter()
-            writer.commit()
+            writer.commit(continues=end is not None)  # a range with an end meets the next one's there
             timing["encode"] += time.perf_counter() - t0
         except BaseException:
             stop.set()
