@@ -13,7 +13,8 @@ For each clip, at its full size and style 7:
   engine     in process: the network alone on the same frames, plus the codec path (the identity scorer
              through the task command), per frame, in every round — what the task command is measured against
 with --cold, also a first run on a machine that has never run the worker (a new HOME: no converted weights,
-no compiled network), as it goes without and with `python -m gpu_worker prepare` (what `make` runs once);
+no compiled network), as it goes without and with `python -m gpu_worker prepare` (what `make` runs once),
+after it at the default temporal and at 0;
 and for the codec check, on a 1080p clip: the task command with the identity scorer (decode → RGB → YUV
 → x264, no network) against ffmpeg transcoding the same clip with the same x264 settings and the same
 colour round trip (`-vf format=rgb24,format=yuv420p`) on all cores.
@@ -176,18 +177,20 @@ def measure_clip(name: str, clip: Path, work: Path, rounds: int) -> dict:
 
 def measure_cold(clip: Path, work: Path) -> dict:
     """`stylize run` in a new HOME: first without anything prepared (the worker compiles), then the prepare step
-    and a first run after it, as on a fresh clone after `make`."""
+    and a first run after it, as on a fresh clone after `make`: at the default temporal, and (in another new
+    HOME, prepared again) at temporal 0, the peer's work."""
     env = {k: v for k, v in os.environ.items() if k not in ("GPU_WORKER_CACHE", "GPU_WORKER_COMPILED")}
     row = {"clip": clip.name}
-    for label in ("unprepared", "prepared"):
+    for label, extra in (("unprepared", []), ("prepared", []), ("prepared_off", ["--temporal", "0"])):
         home = work / f"home-{label}"
         home.mkdir()
         env_home = {**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
                     "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor")}
-        if label == "prepared":
-            row["prepare_s"], _ = timed([sys.executable, "-m", "gpu_worker", "prepare"], cwd=REPO, env=env_home)
+        if label != "unprepared":
+            prepare_s, _ = timed([sys.executable, "-m", "gpu_worker", "prepare"], cwd=REPO, env=env_home)
+            row.setdefault("prepare_s", prepare_s)
         row[f"run_{label}_s"], _ = timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "-o",
-                                          str(work / f"cold-{label}.mp4"), "--json"], cwd=REPO, env=env_home)
+                                          str(work / f"cold-{label}.mp4"), "--json", *extra], cwd=REPO, env=env_home)
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -227,6 +230,10 @@ def main() -> int:
         for row in rows:
             print(json.dumps(row), flush=True)
         cold = measure_cold(sample_clip(CLIPS["bikes"]), work) if args.cold else {}
+        peer = next((r["peer_s"] for r in rows if r["clip"] == "bikes" and r["peer_s"]), None)
+        if cold and peer:  # the first runs against the peer's median in this run
+            cold.update({f"{k.removesuffix('_s')}_vs_peer": round(peer / v, 3) for k, v in list(cold.items())
+                         if k.startswith("run_")})
         if cold:
             print(json.dumps(cold), flush=True)
         lengths = [] if args.no_codec else [int(n) for n in args.codec_frames.split(",")]
@@ -258,8 +265,11 @@ def print_table(rows: list[dict], codec: list[dict], cold: dict) -> None:
         print(f"| | temporal stage's cost (1 − fps on / fps off, median of rounds): task command "
               f"{r['temporal_cost_task']:.1%}, stylize run {r['temporal_cost_run']:.1%} | | | | | | | | |")
     if cold:
+        ratios = (f" ({cold['run_prepared_vs_peer']:.2f}× / {cold['run_prepared_off_vs_peer']:.2f}× the peer)"
+                  if "run_prepared_vs_peer" in cold else "")
         print(f"\nfirst run in a new HOME, {cold['clip']}: {cold['run_unprepared_s']} s unprepared (the worker "
-              f"compiles); prepare {cold['prepare_s']} s once, then {cold['run_prepared_s']} s")
+              f"compiles); prepare {cold['prepare_s']} s once, then {cold['run_prepared_s']} s at the default "
+              f"temporal / {cold['run_prepared_off_s']} s at temporal 0{ratios}")
     for c in codec:
         print(f"\ncodec path, {c['clip']}: task command (identity) {c['task_identity_s']} s vs ffmpeg "
               f"{c['ffmpeg_s']} s: {c['ratio']:.2f}× ffmpeg's speed (fixed cost {c['task_first_frame_s']:.2f} s)")
