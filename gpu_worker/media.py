@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -439,19 +440,29 @@ class SegmentWriter:
         # One frame is held back until the next arrives, so that commit(continues=True) can still choose how
         # the last one is coded.
         self._held: av.VideoFrame | None = None
-        self._step = 1  # the last pts step seen, for the frames commit() adds after the last one
+        self._newest_pts: int | None = None  # the largest pts written
+        self._step = 1  # the last pts step seen, for the copies commit() adds after the last frame
+        self.first_encoded_at: float | None = None  # time.monotonic() when x264 got the first frame
 
     def write(self, pixels: np.ndarray | av.VideoFrame, pts: int) -> None:
         """One frame with its source pts: I420 planes ([height*3/2, width] uint8, in this stream's range) or an
-        I420 frame from :meth:`yuv_frame`."""
+        I420 frame from :meth:`yuv_frame`. The encoder gets it with the next call, or at :meth:`commit`."""
+        if self._held is not None:  # first, as the caller may hand the same frame object in again
+            self._encode(self._held)
         frame = pixels if isinstance(pixels, av.VideoFrame) else av.VideoFrame.from_ndarray(pixels, format="yuv420p")
         frame.pts = pts
         frame.color_range = self._range
-        if self._held is not None:
-            self._step = max(1, pts - self._held.pts)
-            self._container.mux(self._stream.encode(self._held))
+        if self._newest_pts is not None:
+            self._step = max(1, pts - self._newest_pts)
+        self._newest_pts = pts if self._newest_pts is None else max(self._newest_pts, pts)
         self._held = frame
         self.frames += 1
+
+    def _encode(self, frame: av.VideoFrame | None, up_to: int | None = None) -> None:
+        packets = self._stream.encode(frame)
+        if frame is not None and self.first_encoded_at is None:
+            self.first_encoded_at = time.monotonic()
+        self._container.mux(packets if up_to is None else [p for p in packets if p.pts is None or p.pts <= up_to])
 
     def yuv_frame(self, rgb: np.ndarray) -> av.VideoFrame:
         """Full-range RGB ([h, w, 3] uint8, any size) converted and scaled by swscale to this stream's I420."""
@@ -468,29 +479,27 @@ class SegmentWriter:
         as an end (x264's look-ahead sees nothing after them, so its macroblock tree spends fewer bits there),
         and together with the next segment's opening keyframe that showed as a pulse at each join: 1.05-1.39x
         the same frame pair in a one-piece encode on bikes.mp4, 1.48 / 6.14x on Big Buck Bunny. Here the last
-        frame is coded as a P frame (nothing after it can refer back into the segment) and followed by copies
-        of itself, one look-ahead long, whose packets are dropped: 1.04-1.22x and 1.30 / 4.91x, what a keyframe
-        forced at the same place in a one-piece encode measures (1.05-1.23x, 1.33 / 4.83x).
+        frame is followed by copies of itself, one look-ahead long, whose packets are dropped, and is coded as
+        a P frame so that no frame kept refers forward to a copy (as a B frame would): 1.04-1.22x and
+        1.30 / 4.91x, what a keyframe forced at the same place in a one-piece encode measures (1.05-1.23x,
+        1.33 / 4.83x). Presets without a look-ahead (ultrafast, superfast) add no copies.
         """
         last = self._held
+        tail = self._lookahead if continues and last is not None and self.frames > 1 else 0
         if last is not None:
-            tail = self._lookahead if continues and self.frames > 1 else 0
             if tail:
                 last.pict_type = av.video.frame.PictureType.P
-            self._mux_up_to(last.pts, self._stream.encode(last))
-            planes = last.to_ndarray() if tail else None
+            self._encode(last)
+        newest = self._newest_pts
+        if tail:
+            picture = last.reformat(format="yuv420p").to_ndarray()
             for n in range(1, tail + 1):
-                copy = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-                copy.pts, copy.color_range = last.pts + n * self._step, self._range
-                self._mux_up_to(last.pts, self._stream.encode(copy))
-            self._mux_up_to(last.pts, self._stream.encode(None))
-        else:
-            self._container.mux(self._stream.encode(None))
+                copy = av.VideoFrame.from_ndarray(picture, format="yuv420p")
+                copy.pts, copy.color_range = newest + n * self._step, self._range
+                self._encode(copy, up_to=newest)
+        self._encode(None, up_to=newest if tail else None)
         self._container.close()
         os.replace(self.tmp, self.path)
-
-    def _mux_up_to(self, last_pts: int, packets: list[av.Packet]) -> None:
-        self._container.mux([p for p in packets if p.pts is None or p.pts <= last_pts])
 
     def abort(self) -> None:
         with suppress(Exception):

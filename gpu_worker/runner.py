@@ -150,7 +150,6 @@ def _run_single(
         pts_seen: list[int] = []
         decoded_at: dict[int, float] = {}  # pts → when the frame left the decoder
         latencies: list[float] = []
-        first_frame_at: list[float] = []
         to_device = _Uploader(scorer.torch_device, matrix, turns, writer)
         first_pts = media.range_pts(start, end, stream.time_base)[0]  # earlier frames only warm a stage up
         blender = None
@@ -192,8 +191,6 @@ def _run_single(
                     t0 = time.perf_counter()
                     for pts, frame_planes in zip(pts_list, planes, strict=True):
                         writer.write(frame_planes, pts)
-                        if not first_frame_at:
-                            first_frame_at.append(time.monotonic())
                         latencies.append(time.perf_counter() - decoded_at.pop(pts, t0))
                     timing["encode"] += time.perf_counter() - t0
                     pts_seen.extend(pts_list)
@@ -264,7 +261,7 @@ def _run_single(
         last_pts_seconds=float(pts_seen[-1] * tb) if pts_seen else None,
         latency_ms=_distribution_ms(latencies), node=socket.gethostname(),
         network=getattr(scorer, "network", "none"),
-        first_frame_seconds=first_frame_at[0] - gpu_worker.STARTED if first_frame_at else None,
+        first_frame_seconds=writer.first_encoded_at - gpu_worker.STARTED if writer.first_encoded_at else None,
     )
     return result, latencies
 

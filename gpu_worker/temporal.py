@@ -16,6 +16,7 @@ task decodes and stylizes before its range so that two tasks meet at a segment b
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -81,7 +82,7 @@ class TemporalBlender:
         previous frame's pixel it points at is this one's, both at the small frames' size."""
         # The two flows at once, one in another thread (OpenCV lets go of the GIL): DIS spreads one flow over the
         # cores only so far (bikes, 2 cores: the pair took 10.1 ms one after the other, 8.3 ms side by side).
-        forward = _flow_thread().submit(self._forward_flow.calc, previous_grey, grey, None)
+        forward = _FLOW_THREAD.submit(self._forward_flow.calc, previous_grey, grey, None)
         backward = self._flow.calc(grey, previous_grey, None)
         forward = forward.result()
         grid_x, grid_y = _grid(grey.shape)
@@ -132,11 +133,14 @@ def _grid(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return _GRIDS[key]
 
 
-_FLOW_THREAD: list[ThreadPoolExecutor] = []
+def _new_flow_thread() -> None:
+    global _FLOW_THREAD
+    _FLOW_THREAD = ThreadPoolExecutor(1, thread_name_prefix="forward-flow")  # starts its thread on first use
 
 
-def _flow_thread() -> ThreadPoolExecutor:
-    """One thread for every blender in the process: a task runs one range at a time."""
-    if not _FLOW_THREAD:
-        _FLOW_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="forward-flow"))
-    return _FLOW_THREAD[0]
+# One thread for every blender in the process (a task runs one range at a time); a forked child gets its own,
+# as the parent's thread does not exist there.
+_FLOW_THREAD: ThreadPoolExecutor
+_new_flow_thread()
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_new_flow_thread)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import subprocess
 import sys
 import threading
 from fractions import Fraction
@@ -22,6 +23,7 @@ from gpu_worker.runner import CODEC_NICE, run_range
 from gpu_worker.scoring import IdentityScorer
 from gpu_worker.stitch import stitch
 from tests.media_helpers import (
+    FFMPEG,
     HARD_CASES,
     RangeFileServer,
     display_aspect,
@@ -188,6 +190,32 @@ def test_a_segment_ends_as_well_coded_as_the_same_frame_in_one_piece(tmp_path: P
     whole, whole_frames = last_frame_error(None)
     assert (segment_frames, whole_frames) == (50, 250)
     assert segment <= 1.03 * whole, (segment, whole)
+
+
+@pytest.mark.parametrize("preset", ["veryfast", "veryslow"])
+def test_a_continued_segment_holds_exactly_the_frames_written(preset: str, tmp_path: Path) -> None:
+    """commit(continues=True) encodes copies past the last frame and drops them. The file holds the frames written
+    with their pts and decodes without a word from ffmpeg, the last one a P frame (a B frame would refer forward to a
+    dropped copy), also at the preset with the most B frames, on a still picture that invites them, and with one
+    frame object handed in twice (the writer holds a frame back until the next arrives)."""
+    with av.open(str(sample_clip("bikes.mp4"))) as container:
+        picture = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    out = tmp_path / "continued.mp4"
+    writer = media.SegmentWriter(out, width=picture.shape[1], height=picture.shape[0], time_base=Fraction(1, 12800),
+                                 sample_aspect_ratio=Fraction(1), frame_rate=Fraction(25), matrix="itu709",
+                                 preset=preset)
+    frames = [writer.yuv_frame(picture) for _ in range(29)]
+    written = [512 * i for i in range(30)]
+    for frame, pts in zip([*frames, frames[-1]], written, strict=True):
+        writer.write(frame, pts)
+    writer.commit(continues=True)
+    with av.open(str(out)) as container:
+        decoded = list(container.decode(video=0))
+    assert [f.pts for f in decoded] == written
+    assert decoded[-1].pict_type == av.video.frame.PictureType.P
+    complaints = subprocess.run([FFMPEG, "-v", "warning", "-i", str(out), "-f", "null", "-"], capture_output=True,
+                                text=True).stderr
+    assert complaints == ""
 
 
 @pytest.mark.parametrize("case", ["bframes", "rotated", "yuv444_10bit"])
