@@ -194,7 +194,7 @@ def _stylize(args: argparse.Namespace) -> int:
     if args.scorer == "identity":
         from gpu_worker.scoring import IdentityScorer
 
-        scorer = IdentityScorer()
+        scorer = IdentityScorer(device=args.device)  # on a GPU, the device's colour path, as a model's
     else:
         from gpu_worker.scoring import StyleScorer
 

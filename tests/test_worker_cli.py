@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.media_helpers import FFMPEG, RangeFileServer, frame_times, make_clip, sample_clip
 
@@ -143,6 +144,18 @@ def test_bad_styles(style: str, message: str, clip: Path, tmp_path: Path) -> Non
                                                ("lots", "temporal must be a number, got 'lots'")])
 def test_bad_temporal(value: str, message: str, clip: Path, tmp_path: Path) -> None:
     result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", "7", "--temporal", value)
+    assert_bad_input(result, message)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("scorer", ["identity", "style"])
+@pytest.mark.parametrize(("device", "message"), [("tpu", "unknown device 'tpu'"),
+                                                 ("cuda", "device cuda was asked for but no CUDA GPU is available")])
+def test_bad_devices(scorer: str, device: str, message: str, clip: Path, tmp_path: Path) -> None:
+    """Every scorer runs where --device says (the identity scorer too: on a GPU, the device's colour path)."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "-s", "7", "--scorer", scorer, "--device", device)
     assert_bad_input(result, message)
     assert not (tmp_path / "o.mp4").exists()
 
