@@ -201,6 +201,7 @@ def _follow(host, job_id: str) -> dict:
         except TimeoutError:
             view.show((host.status(job_id) or {}).get("customStatus") or {})
             continue
+        view.show(status.get("customStatus") or {})  # how it ended: a short last stage may fall between redraws
         view.close()
         return status
 
