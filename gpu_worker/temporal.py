@@ -26,6 +26,10 @@ import numpy as np
 # per-frame and ghosting 3.9 levels at 320, 0.47x and 3.5 at 480. The two DIS flows cost 8 ms a frame at 320
 # and 17 ms at 480, whatever the frame size; a first version's 640 measured no better than 480.
 FLOW_WIDTH = 480
+# DIS (opencv-python-headless 5.0) crashed the process on frames under 16 pixels tall and 40 or more wide, and
+# refuses frames under 12 on both sides: smaller frames are scaled up to this for the flow. Where that would
+# make them wider than FLOW_LIMIT (an extreme aspect ratio), frames are left as stylized.
+FLOW_MIN_SIDE, FLOW_LIMIT = 16, 960
 # DIS presets measured on bikes.mp4 at 320 px: E_warp 0.57x per-frame with ULTRAFAST, 0.49x with FAST, 0.34x
 # with MEDIUM.
 FLOW_PRESET = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
@@ -57,6 +61,8 @@ class TemporalBlender:
 
     def blend(self, source: np.ndarray, stylized: np.ndarray) -> np.ndarray:
         grey = _small_grey(source)
+        if grey is None:
+            return stylized
         if self._previous is None or self._previous[0].shape != grey.shape:
             self._previous = (grey, stylized)
             return stylized
@@ -107,12 +113,18 @@ class TemporalBlender:
         return backward, (np.exp(-np.square(error)) * (consistent & off_edges & inside)).astype(np.float32)
 
 
-def _small_grey(rgb: np.ndarray) -> np.ndarray:
+def _small_grey(rgb: np.ndarray) -> np.ndarray | None:
+    """The grey frame the flow is computed on: at most FLOW_WIDTH wide, at least FLOW_MIN_SIDE on either side;
+    None where no such frame keeps the aspect ratio."""
     height, width = rgb.shape[:2]
+    scale = max(min(1.0, FLOW_WIDTH / width), FLOW_MIN_SIDE / min(height, width))
+    size = (max(FLOW_MIN_SIDE, round(width * scale)), max(FLOW_MIN_SIDE, round(height * scale)))
+    if max(size) > FLOW_LIMIT:
+        return None
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    if width <= FLOW_WIDTH:
+    if size == (width, height):
         return grey
-    return cv2.resize(grey, (FLOW_WIDTH, max(8, round(height * FLOW_WIDTH / width))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
 def _squared_length(flow: np.ndarray) -> np.ndarray:
