@@ -158,13 +158,15 @@ class StyleScorer:
         condition = self._condition
         if condition is not None and condition.dim() == 2:
             condition = condition.expand(len(frames), -1)
-        if self._compiled is not None and self._compiled.accepts(*frames.shape[1:3]):
-            styled = self._compiled(frames, condition)
+        height, width = frames.shape[1:3]
+        grown = _with_edges_repeated(frames, MIN_NETWORK_SIDE)
+        if self._compiled is not None and self._compiled.accepts(*grown.shape[1:3]):
+            styled = self._compiled(grown, condition)
         else:
             if self._net is None:
                 self._net = self._eager()
-            styled = self._net(frames, condition)
-        return apply_options(styled, frames, self.spec.strength, self.spec.preserve_color)
+            styled = self._net(grown, condition)
+        return apply_options(styled[:, :height, :width], frames, self.spec.strength, self.spec.preserve_color)
 
 
 class CompiledOnDevice:
@@ -209,6 +211,21 @@ class CompiledOnDevice:
             self._compiled = None
             return self.net(frames[:n], condition[:n] if condition.dim() == 2 else condition)
         return y[:n]
+
+
+# The networks' 9x9 convolutions pad by reflection, which needs sides of 5 pixels; the compiled ones take 8.
+MIN_NETWORK_SIDE = 8
+
+
+def _with_edges_repeated(frames: torch.Tensor, side: int) -> torch.Tensor:
+    """[N,H,W,C] frames grown to at least ``side`` pixels each way by repeating their last row and column
+    (a video may be as small as 2x2); the scored frames are cropped back."""
+    height, width = frames.shape[1:3]
+    if height >= side and width >= side:
+        return frames
+    rows = torch.arange(max(side, height), device=frames.device).clamp(max=height - 1)
+    columns = torch.arange(max(side, width), device=frames.device).clamp(max=width - 1)
+    return frames[:, rows][:, :, columns].contiguous()
 
 
 def _to_stderr(line: str) -> None:
