@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from gpu_worker import weights
-from gpu_worker.networks import SIZE_MULTIPLE, FrameStylizer
+from gpu_worker.networks import MIN_SIDE, SIZE_MULTIPLE, FrameStylizer
 
 # Bump when the export or the wrapper changes, so old artifacts are not reused.
 FORMAT_VERSION = 3  # 3: the thin convolutions rewritten wide (gpu_worker.wide_convs)
 TRANSFORMERS = ("multistyle26", "arbitrary_transform")
 CONDITION_SIZE = {"multistyle26": 26, "arbitrary_transform": 100}
-# Exported for sides of 8 to 8192 pixels in multiples of 4 (frames are padded up to one); smaller frames
-# run eagerly. 8 keeps every reflect pad of the networks valid at the coarsest level.
-MIN_SIDE, MAX_SIDE = 8, 8192
+# Exported for sides of MIN_SIDE (8) to 8192 pixels in multiples of 4 (frames are padded up to one); larger
+# frames run eagerly.
+MAX_SIDE = 8192
 CHECK_SIZES = ((64, 96), (136, 240))  # checked against eager at build time, one of them not square
 CHECK_TOLERANCE = 1  # levels of 255: float32 differences of ~3e-6 can flip a rounding, no more
 

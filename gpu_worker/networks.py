@@ -32,6 +32,9 @@ STYLE_VECTOR_SIZE = 100
 # Both transformers downsample twice by 2, so they work on sides that are a
 # multiple of 4; other sizes are reflect-padded and cropped back.
 SIZE_MULTIPLE = 4
+# The smallest side the worker runs them on: 8 keeps every reflect pad valid at the coarsest level (the 9x9
+# convolutions alone need 5). The scorer grows smaller frames to it and crops the result back.
+MIN_SIDE = 8
 NORM_EPS = 1e-5
 
 

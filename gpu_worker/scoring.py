@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gpu_worker.errors import InputError
-from gpu_worker.networks import FrameStylizer, apply_options
+from gpu_worker.networks import MIN_SIDE, FrameStylizer, apply_options
 from gpu_worker.style_spec import StyleSpec
 
 MAX_STYLE_IMAGE_BYTES = 50 * 1024 * 1024
@@ -159,7 +159,7 @@ class StyleScorer:
         if condition is not None and condition.dim() == 2:
             condition = condition.expand(len(frames), -1)
         height, width = frames.shape[1:3]
-        grown = _with_edges_repeated(frames, MIN_NETWORK_SIDE)
+        grown = _with_edges_repeated(frames, MIN_SIDE)
         if self._compiled is not None and self._compiled.accepts(*grown.shape[1:3]):
             styled = self._compiled(grown, condition)
         else:
@@ -211,10 +211,6 @@ class CompiledOnDevice:
             self._compiled = None
             return self.net(frames[:n], condition[:n] if condition.dim() == 2 else condition)
         return y[:n]
-
-
-# The networks' 9x9 convolutions pad by reflection, which needs sides of 5 pixels; the compiled ones take 8.
-MIN_NETWORK_SIDE = 8
 
 
 def _with_edges_repeated(frames: torch.Tensor, side: int) -> torch.Tensor:
