@@ -22,6 +22,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 # Set by a compute backend that wants a running task's progress (LocalCompute does): the frames written so far.
 PROGRESS_FILE_ENV = "WORKER_PROGRESS_FILE"
 PROGRESS_EVERY_SECONDS = 0.5
+# Set by a compute backend whose nodes have a GPU (BatchCompute on a GPU pool): a task there must not quietly
+# fall back to the CPU when the node's driver fails.
+DEVICE_ENV = "WORKER_DEVICE"
 
 
 def _seconds(text: str) -> Fraction:
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-size", type=int, default=0, help="scale so the longer side is at most this (0: keep)")
     s.add_argument("--start", type=_seconds, default=Fraction(0), help="range start in seconds (inclusive)")
     s.add_argument("--end", type=_seconds, default=None, help="range end in seconds (exclusive); default: end")
-    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    s.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"),
+                   help=f"auto, cpu or cuda (default: ${DEVICE_ENV}, else auto: the GPU if there is one)")
     s.add_argument("--preset", default=os.environ.get("WORKER_X264_PRESET", "veryfast"), help="x264 preset")
     s.add_argument("--crf", type=int, default=int(os.environ.get("WORKER_X264_CRF", "18")), help="x264 CRF")
     s.add_argument("--pipelines", default=os.environ.get("WORKER_PIPELINES", "auto"),

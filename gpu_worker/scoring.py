@@ -33,8 +33,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for but no CUDA GPU is available; use --device cpu",
-                         field="device")
+        raise InputError("device cuda was asked for but torch finds no CUDA GPU on this machine (none, or its "
+                         "NVIDIA driver is missing or too old); use --device cpu", field="device")
     try:
         return torch.device(device)
     except RuntimeError:

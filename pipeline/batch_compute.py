@@ -10,6 +10,9 @@ Same contract as :class:`pipeline.compute.LocalCompute` (see the ComputeBackend 
   the task's working directory, where the worker writes ``out.mp4``). The node itself uploads ``out.mp4`` to
   the task's output blob when the task succeeds, and its stdout/stderr to the logs container under
   ``<batch job>/<task>/`` whatever happens, with the pool's managed identity: no SAS, no key anywhere.
+- A pool of GPU sizes runs its tasks on the GPU and nowhere else (``WORKER_DEVICE=cuda``, see
+  :func:`worker_device`): a node whose driver does not work fails the task in seconds with that reason, rather
+  than scoring for hours on its few CPU cores at a GPU's price. A pool of CPU sizes runs them on the CPU.
   With ``--json`` the worker's stdout is its one-line JSON summary, so ``stdout.txt`` is the summary.
 - Batch never retries a task (``maxTaskRetryCount`` 0): a failure must reach the orchestrator, which
   resubmits the segment under a new task id and counts attempts. A preempted spot node is different: Batch
@@ -57,6 +60,12 @@ LOG_READ_LIMIT = 64 * 1024
 _STOPPED_JOB_STATES = {"terminating", "completed", "deleting"}
 _SAS = re.compile(r"[?&](?:sig|se|sv|sp|skoid)=", re.IGNORECASE)
 _STOPPED_JOB_CODES = {"JobCompleted", "JobBeingTerminated", "JobBeingDeleted", "JobNotActive"}
+
+
+def worker_device(vm_size: str) -> str:
+    """The device a pool's tasks score on: ``cuda`` for Azure's GPU sizes (the N family: NC, ND, NG, NV), else
+    ``cpu``. The worker then refuses to start without a working CUDA GPU, instead of falling back to the CPU."""
+    return "cuda" if vm_size.lower().startswith("standard_n") else "cpu"
 
 
 class BatchSetupError(RuntimeError):
@@ -145,6 +154,7 @@ class BatchCompute:
         # under the same id (a restarted orchestration) gets a new creation time and so a fresh cache.
         self._completed: dict[tuple[str, str], dict[str, TaskState]] = {}
         self._readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch-logs")
+        self._vm_size: str | None = None  # the pool's, read once
 
     @classmethod
     def from_settings(cls, settings: Settings, storage: Storage) -> BatchCompute:
@@ -176,6 +186,7 @@ class BatchCompute:
     # ---- setup ---------------------------------------------------------------------------------------
 
     def check_pool(self) -> None:
+        """Read the pool (its VM size decides the tasks' device), with a clear error where it cannot be read."""
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
         try:
@@ -191,6 +202,7 @@ class BatchCompute:
             raise BatchSetupError(f"BATCH_ACCOUNT_URL={self.account_url}: cannot read pool {self.pool_id!r} "
                                   f"({_reason(exc)})") from None
         log.info("Batch pool %s is %s (%s)", pool.id, _value(pool.state), pool.vm_size)
+        self._vm_size = pool.vm_size or ""
 
     # ---- ComputeBackend --------------------------------------------------------------------------------
 
@@ -198,7 +210,11 @@ class BatchCompute:
         if not tasks:
             return 0
         job = batch_job_id(job_id)
-        options = [self._task_options(job, task) for task in tasks]  # validate everything before creating
+        for task in tasks:  # refuse what must never reach Batch before sending anything
+            self._check(task)
+        if self._vm_size is None:
+            self.check_pool()
+        options = [self._task_options(job, task) for task in tasks]
         self._ensure_job(job, job_id)
         result = self._add_tasks(job, options)
         new = sum(1 for r in result.result_values or [] if _value(r.status) == "success")
@@ -341,20 +357,24 @@ class BatchCompute:
                 time.sleep(min(2.0**attempt, 10.0) * min(1.0, self.polling_interval))
         raise AssertionError("unreachable")
 
-    def _task_options(self, job: str, task: Task) -> Any:
-        from azure.batch import models
-
+    def _check(self, task: Task) -> None:
         if not BATCH_ID.match(task.id):
             raise ValueError(f"task id {task.id!r} is not a valid Batch id (letters, digits, - and _, ≤64)")
         if any(_SAS.search(arg) for arg in task.args):
             raise ValueError(f"task {task.id}: a command line must not carry a SAS (it is visible in Batch); "
                              f"workers authenticate with the pool identity")
-        identity = models.BatchNodeIdentityReference(resource_id=self.pool_identity)
-        logs_url, output_url = self._container_url(self.logs_container), self._container_url(task.output_container)
-        if _SAS.search(logs_url) or _SAS.search(output_url):  # storage reached through a SAS connection string
+        urls = self._container_url(self.logs_container), self._container_url(task.output_container)
+        if any(_SAS.search(url) for url in urls):  # storage reached through a SAS connection string
             raise ValueError(f"task {task.id}: an output container URL must not carry a SAS (it is visible in "
                              f"Batch); nodes upload with the pool identity")
-        env = {**task.env, "WORKER_STORAGE_AUTH": "imds", "AZURE_CLIENT_ID": self.pool_identity_client_id}
+
+    def _task_options(self, job: str, task: Task) -> Any:
+        from azure.batch import models
+
+        identity = models.BatchNodeIdentityReference(resource_id=self.pool_identity)
+        logs_url, output_url = self._container_url(self.logs_container), self._container_url(task.output_container)
+        env = {**task.env, "WORKER_STORAGE_AUTH": "imds", "AZURE_CLIENT_ID": self.pool_identity_client_id,
+               "WORKER_DEVICE": worker_device(self._vm_size or "")}
         registry = _registry_server(self.worker_image)
 
         def upload(pattern: str, container_url: str, path: str, condition: str) -> Any:

@@ -196,6 +196,9 @@ class FakeBatch:
         self.key = base64.b64encode(hashlib.sha256(f"fake-batch-key-{uuid.uuid4()}".encode()).digest()).decode()
         self.bearer_token = bearer_token or f"fake-batch-token-{uuid.uuid4().hex}"
         self.pools = set(pools)
+        # The fake's nodes are this machine, which has no GPU: its pools are of a CPU size, so BatchCompute runs
+        # the workers on the CPU. A test sets a GPU size to see what a node without a working GPU does.
+        self.vm_size = "standard_d4s_v5"
         self.worker_image = worker_image
         self.pool_identity = pool_identity
         self.pool_identity_client_id = pool_identity_client_id
@@ -420,7 +423,7 @@ class FakeBatch:
         if pool_id not in self.pools:
             raise Refused(404, "PoolNotFound", f"The specified pool {pool_id} does not exist.")
         return 200, {"id": pool_id, "url": f"{self.url}/pools/{pool_id}", "state": "active",
-                     "allocationState": "steady", "vmSize": "standard_nc4as_t4_v3", "taskSlotsPerNode": 1,
+                     "allocationState": "steady", "vmSize": self.vm_size, "taskSlotsPerNode": 1,
                      "enableAutoScale": True, "currentDedicatedNodes": 0, "currentLowPriorityNodes": 0,
                      "eTag": "0x1", "lastModified": _ts(_now()), "creationTime": _ts(_now())}, {}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import av
 import azure.functions as func
 import pytest
+import torch
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.storage.blob import BlobClient
@@ -158,6 +159,35 @@ def test_task_that_always_fails_fails_the_job_with_reason_and_exit_code(batch_ap
     }
     assert svc.storage.list_names(svc.settings.output_container) == []
     assert_job_gone(fake, svc, run_id(host, job_id))
+
+
+def test_a_gpu_pool_whose_nodes_have_no_working_gpu_fails_the_job_at_once(batch_app, clip: Path) -> None:
+    """On a pool of GPU sizes the tasks must score on the GPU: a node whose driver does not work (here: this
+    machine, which has none) fails the job in seconds with the reason, instead of each task scoring on the
+    node's few CPU cores for hours at a GPU's price and failing on its time limit."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    host, svc, fake = batch_app
+    fake.vm_size = "standard_nc4as_t4_v3"
+    svc.compute._vm_size = None  # read the pool again, as a new Function App instance would
+    job_id = start(host, svc, clip)
+    status = host.wait(job_id, timeout=150)
+    assert status["runtimeStatus"] == "Failed"
+    error = status["customStatus"]["error"]
+    assert error["kind"] == "input"
+    assert "device cuda was asked for but torch finds no CUDA GPU on this machine" in error["message"]
+    codes = [code for _, _, code in fake.finished_runs]
+    assert 2 in codes and 0 not in codes  # a task that had not failed yet when the job ended was stopped
+    assert max(fake.task_creations.values()) == 1  # not retried: the pool needs fixing, not another attempt
+    assert svc.storage.list_names(svc.settings.output_container) == []
+    assert_job_gone(fake, svc, run_id(host, job_id))
+
+
+def test_a_pools_vm_size_decides_the_tasks_device() -> None:
+    assert [batch_compute.worker_device(size) for size in ("Standard_NC4as_T4_v3", "standard_nd96isr_h100_v5",
+                                                           "Standard_NV36ads_A10_v5", "Standard_D4s_v5",
+                                                           "Standard_F8s_v2", "")] == [
+        "cuda", "cuda", "cuda", "cpu", "cpu", "cpu"]
 
 
 class BearerPolicy(SansIOHTTPPolicy):

@@ -457,7 +457,8 @@ def test_batch_tasks_carry_no_token_key_or_sas(azurite: str, batch: FakeBatch, m
         urls += [o["destination"]["container"]["containerUrl"] for o in body["outputFiles"]]
         assert urls and not [u for u in urls if urllib.parse.urlsplit(u).query or SAS_QUERY.search(u)], where
         env = {e["name"]: e["value"] for e in body["environmentSettings"]}
-        assert env == {"WORKER_STORAGE_AUTH": "imds", "AZURE_CLIENT_ID": batch.pool_identity_client_id}, where
+        assert env == {"WORKER_STORAGE_AUTH": "imds", "AZURE_CLIENT_ID": batch.pool_identity_client_id,
+                       "WORKER_DEVICE": "cpu"}, where  # the fake's pool is of a CPU size
         assert body["userIdentity"] == {"autoUser": {"scope": "task", "elevationLevel": "nonadmin"}}, where
         registry = body["containerSettings"]["registry"]
         assert set(registry) == {"registryServer", "identityReference"}, where  # no username or password

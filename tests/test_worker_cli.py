@@ -149,8 +149,8 @@ def test_bad_temporal(value: str, message: str, clip: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("scorer", ["identity", "style"])
-@pytest.mark.parametrize(("device", "message"), [("tpu", "unknown device 'tpu'"),
-                                                 ("cuda", "device cuda was asked for but no CUDA GPU is available")])
+@pytest.mark.parametrize(("device", "message"), [
+    ("tpu", "unknown device 'tpu'"), ("cuda", "device cuda was asked for but torch finds no CUDA GPU on this machine")])
 def test_bad_devices(scorer: str, device: str, message: str, clip: Path, tmp_path: Path) -> None:
     """Every scorer runs where --device says (the identity scorer too: on a GPU, the device's colour path)."""
     if device == "cuda" and torch.cuda.is_available():
