@@ -31,7 +31,7 @@ def _seconds(text: str) -> Fraction:
     """Seconds as an exact fraction: '12.48' must mean 1248/100, not the nearest binary float."""
     try:
         value = Fraction(Decimal(text))
-    except (InvalidOperation, ValueError):
+    except (InvalidOperation, ValueError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"seconds must not be negative: {text}")
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crf", type=int, default=int(os.environ.get("WORKER_X264_CRF", "18")), help="x264 CRF")
     s.add_argument("--pipelines", default=os.environ.get("WORKER_PIPELINES", "auto"),
                    help="worker processes splitting the range, each with its own decoder, model and encoder (auto: 1)")
+    s.add_argument("--allow-empty", action="store_true",
+                   help="a range the video has no frames in (a gap in a variable-frame-rate video, or past its last "
+                        "frame while its audio goes on) writes an empty OUTPUT (0 bytes) instead of failing")
     s.add_argument("--scorer", choices=("style", "identity"), default="style", help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
 
@@ -216,7 +219,7 @@ def _stylize(args: argparse.Namespace) -> int:
         return EXIT_OK
     result = run_range(args.source, args.output, scorer, args.start, args.end,
                        encoder=EncoderOptions(preset=args.preset, crf=args.crf), http_headers=headers,
-                       max_size=args.max_size, progress=progress,
+                       max_size=args.max_size, progress=progress, allow_empty=args.allow_empty,
                        temporal=0.0 if args.scorer == "identity" else spec.temporal)
     _emit(args, result.to_dict(), f"wrote {result.output}: {result.frames} frames in {result.seconds:.1f}s "
                                   f"({result.fps:.2f} fps on {result.device})")

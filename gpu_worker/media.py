@@ -268,14 +268,14 @@ def range_pts(start: Fraction, end: Fraction | None, time_base: Fraction) -> tup
 
 def decode_range(
     container: Source, stream: av.VideoStream, start: Fraction, end: Fraction | None,
-    preroll: int = 0,
+    preroll: int = 0, seen: dict[str, int] | None = None,
 ) -> Iterator[av.VideoFrame]:
     """Yield exactly the frames whose pts lies in [start, end), seeking to the keyframe before start.
 
     With ``preroll``, up to that many frames before ``start`` come first (a stage that carries state from
     frame to frame warms up on them); the caller tells them apart by ``frame.pts < range_pts(...)[0]``.
-    They come only if the range itself has a frame. Safe to run on a thread while another closes
-    ``container`` (see :class:`Source`).
+    They come only if the range itself has a frame. ``seen["before"]``, if given, counts the frames decoded before
+    ``start`` (warm-up or not). Safe to run on a thread while another closes ``container`` (see :class:`Source`).
     """
     lo, hi = range_pts(start, end, stream.time_base)
     seek_to = lo
@@ -291,6 +291,8 @@ def decode_range(
                 raise InputError("the video has frames without timestamps; remux it (e.g. to MP4) first")
             if hi is not None and frame.pts >= hi:
                 return
+            if seen is not None and frame.pts < lo:
+                seen["before"] += 1
             decoded_to = frame.pts + (frame.duration or 0)
             if frame.pts >= lo:
                 while preroll and before:

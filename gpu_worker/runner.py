@@ -104,6 +104,7 @@ def run_range(
     max_size: int = 0,
     progress: Callable[[int], None] | None = None,
     temporal: float = 0.0,
+    allow_empty: bool = False,
 ) -> RangeResult:
     """Write the frames of ``source`` whose pts lies in [start, end), scored, to ``output``.
 
@@ -111,12 +112,17 @@ def run_range(
     ``temporal`` (0: off, up to 1) blends each scored frame with the previous output carried along the
     source's motion (:mod:`gpu_worker.temporal`); the range then starts with frames before ``start`` that
     are scored and blended but not written, so neighbouring ranges meet in the same state.
+
+    A range with no frames is bad input (:class:`InputError`), unless ``allow_empty`` and the decoder saw the
+    video before the range and then its end or a frame after it: the range then lies in a gap of a variable
+    frame rate or past the last frame (a container's duration counts the audio too), and ``output`` is
+    written empty (0 bytes), which the stitch leaves out. A seek that found nothing fails as before.
     """
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"bad range [{start}, {end}): need 0 <= start < end", field="range")
     encoder = encoder or EncoderOptions()
     result, _ = _run_single(source, output, scorer, start, end, encoder, http_headers, max_size, progress,
-                            temporal=temporal)
+                            allow_empty=allow_empty, temporal=temporal)
     return result
 
 
@@ -158,6 +164,7 @@ def _run_single(
 
             blender = TemporalBlender(temporal)
         after = _Finisher(blender, first_pts)
+        seen = {"before": 0}  # frames the decoder gave before the range: the seek found the video
 
         def decode() -> None:
             if yield_cores:
@@ -165,7 +172,7 @@ def _run_single(
             try:
                 t0 = time.perf_counter()
                 preroll = warmup_frames(temporal) if blender else 0
-                for frame in media.decode_range(container, stream, start, end, preroll=preroll):
+                for frame in media.decode_range(container, stream, start, end, preroll=preroll, seen=seen):
                     if to_sdr is not None:
                         frame = to_sdr(frame)
                     # one size for the whole range, even if the stream changes size mid-way
@@ -229,8 +236,9 @@ def _run_single(
             threads[1].join()
             if errors:
                 raise errors[0]
-            if not pts_seen and allow_empty:
+            if not pts_seen and allow_empty and seen["before"]:
                 writer.abort()
+                _write_empty(output)
                 return _empty_result(output, scorer), []
             if not pts_seen:
                 raise InputError(f"no video frames in [{float(start)}, {_fmt(end)}) s of {Path(source).name}",
@@ -315,6 +323,13 @@ def split_range(source: str, http_headers: Mapping[str, str] | None, start: Frac
         return list(zip([start, *cuts], [*cuts, None], strict=True))  # the last slice stays open-ended
     cuts = [start + (end - start) * k / count for k in range(1, count)]
     return list(zip([start, *cuts], [*cuts, end], strict=True))
+
+
+def _write_empty(output: Path) -> None:
+    """An empty segment: a file of 0 bytes, put in place atomically as segments are."""
+    partial = output.with_name(f".{output.name}.empty.partial")
+    partial.write_bytes(b"")
+    os.replace(partial, output)
 
 
 def _empty_result(output: Path, scorer: Scorer) -> RangeResult:

@@ -49,6 +49,9 @@ def stitch(
     """Concatenate ``segments`` (in order) into ``output``, adding ``audio_source``'s tracks, chapters and tags."""
     if not segments:
         raise InputError("stitch needs at least one segment")
+    segments = [s for s in segments if not _empty_file(s)]  # ranges that held no frames (runner.run_range)
+    if not segments:
+        raise InputError("the segments hold no video frames")
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     with ExitStack() as stack:
@@ -123,6 +126,13 @@ def _remux(inputs: list, source, out, output: Path) -> StitchResult:
         audio="+".join(m for m in ("copy", "aac") if m in modes) or "none", tracks=reports,
         video=colour_tags.describe(source.streams.video[0] if source is not None else template, video_out),
         chapters=carried["chapters"], metadata=carried["metadata"])
+
+
+def _empty_file(segment: str | Path) -> bool:
+    """A local segment of 0 bytes: a range the video had no frames in. (The pipeline leaves those out of a
+    stitch's list itself, so a URL is never one.)"""
+    path = Path(segment)
+    return not media.is_url(str(segment)) and path.is_file() and path.stat().st_size == 0
 
 
 def _timed(packets: Iterable[av.Packet], writer: Writer) -> Iterator[tuple[float, int, av.Packet]]:

@@ -136,7 +136,9 @@ def _submit_segments(job: JobSpec, svc: Services, segments: list[tuple[int, int]
     tasks = []
     for index, attempt in segments:
         start, end = plan[index]
-        args = ["stylize", source, "out.mp4", *style_args, "--start", start, "--json"]
+        # a range can hold no frames (a gap in a variable frame rate, or past the last frame while the audio goes
+        # on, where the container's duration planned it): its segment is then empty, and the stitch leaves it out
+        args = ["stylize", source, "out.mp4", *style_args, "--start", start, "--allow-empty", "--json"]
         if end is not None:
             args += ["--end", end]
         tasks.append(Task(segment_task_id(index, attempt), args, s.work_container, segment_name(job.run_id, index)))
@@ -174,7 +176,9 @@ def submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
 
 def _submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
     s = svc.settings
-    listing = [svc.storage.reader_url(s.work_container, segment_name(job.run_id, i)) for i in range(total)]
+    sizes = svc.storage.sizes(s.work_container, work_name(job.run_id, "segments/"))
+    names = [segment_name(job.run_id, i) for i in range(total)]
+    listing = [svc.storage.reader_url(s.work_container, name) for name in names if sizes.get(name) != 0]
     list_name = work_name(job.run_id, "segments.json")
     svc.storage.write_json(s.work_container, list_name, listing)
     task = Task(

@@ -40,6 +40,9 @@ class Storage(Protocol):
     def write_json(self, container: str, name: str, data: object) -> None: ...
     def read_json(self, container: str, name: str) -> object: ...
     def list_names(self, container: str, prefix: str = "") -> list[str]: ...
+    def sizes(self, container: str, prefix: str = "") -> dict[str, int]:
+        """Each blob's size in bytes, by name, for the names that start with ``prefix``."""
+        ...
     def delete(self, container: str, name: str) -> None:
         """Remove one blob; a missing one is fine."""
         ...
@@ -113,6 +116,13 @@ class LocalStorage:
             rel = Path(folder).relative_to(base)
             names += [(rel / f).as_posix() for f in files if not f.startswith(".")]
         return sorted(n for n in names if n.startswith(prefix))
+
+    def sizes(self, container: str, prefix: str = "") -> dict[str, int]:
+        sizes = {}
+        for name in self.list_names(container, prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                sizes[name] = self.path(container, name).stat().st_size
+        return sizes
 
     def delete(self, container: str, name: str) -> None:
         self.path(container, name).unlink(missing_ok=True)
@@ -215,6 +225,10 @@ class BlobStorage:
     def list_names(self, container: str, prefix: str = "") -> list[str]:
         client = self.service.get_container_client(container)
         return sorted(b.name for b in client.list_blobs(name_starts_with=prefix or None))
+
+    def sizes(self, container: str, prefix: str = "") -> dict[str, int]:
+        client = self.service.get_container_client(container)
+        return {b.name: b.size for b in client.list_blobs(name_starts_with=prefix or None)}
 
     def publish(self, container: str, name: str, to_container: str, to_name: str) -> None:
         # A server-side copy within the account: the same Entra ID token authorizes reading the source.

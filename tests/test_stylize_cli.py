@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.progress import STAGES
-from tests.media_helpers import display_aspect, frame_times, make_clip, sample_clip, video_stream_info
+from tests.media_helpers import _ffmpeg, display_aspect, frame_times, make_clip, sample_clip, video_stream_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,30 @@ def test_run_produces_the_whole_video(tmp_path: Path) -> None:
     assert stages == sorted(stages, key=STAGES.index), stages
     done = [int(words[2].split("/")[0]) for words in lines if words[0] == "scoring"]
     assert done == sorted(done) and len(done) <= 5, result.stderr
+
+
+@pytest.mark.parametrize("case", ["audio outlasts the video (mkv)", "a gap longer than a segment (vfr)"])
+def test_ranges_the_video_has_no_frames_in_are_left_out(case: str, tmp_path: Path) -> None:
+    """A Matroska file's duration counts its audio, so the plan can put a range past the last video frame; a
+    variable-frame-rate video can leave a range between two frames. Both failed the whole job ("no video frames
+    in [3.0, 4.0) s"); now such a range's segment is empty and the stitch leaves it out."""
+    if case.startswith("audio"):
+        source = tmp_path / "tail.mkv"  # 3 s of video at 10 fps, 5 s of audio
+        _ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=128x72:r=10:d=3", "-f", "lavfi", "-i", "sine=r=48000:d=5",
+                 "-c:v", "libx264", "-c:a", "aac", str(source)])
+    else:
+        source = tmp_path / "gap.mp4"  # 25 frames in [0, 1) s, then 25 in [2.5, 3.5) s
+        _ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=128x72:r=25:d=2", "-vf",
+                 "settb=1/1000,setpts='(if(lt(N,25),N/25,1.5+N/25))/TB'", "-fps_mode", "passthrough",
+                 "-enc_time_base", "1/1000", "-c:v", "libx264", "-bf", "0", str(source)])
+    out = tmp_path / "out.mp4"
+    result = stylize("run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "1", "--temporal", "0",
+                     "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert frame_times(out) == frame_times(source)
+    assert json.loads(result.stdout)["frames"] == len(frame_times(source))
+    if case.startswith("audio"):
+        assert json.loads(result.stdout)["audio"] == "copy"
 
 
 def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:

@@ -122,12 +122,24 @@ def test_other_protocols_are_refused(source: str, tmp_path: Path) -> None:
         (["--start", "2", "--end", "1"], "bad range"),
         (["--start", "-1"], "must not be negative"),
         (["--start", "abc"], "not a number of seconds"),
+        (["--start", "inf"], "not a number of seconds"),
+        (["--end", "Infinity"], "not a number of seconds"),
         (["--start", "50"], "no video frames in [50.0, end)"),
     ],
 )
 def test_bad_ranges(args: list[str], message: str, clip: Path, tmp_path: Path) -> None:
     assert_bad_input(identity(str(clip), tmp_path / "o.mp4", *args), message)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_range_past_the_last_frame_is_an_empty_segment_when_allowed(clip: Path, tmp_path: Path) -> None:
+    """What the pipeline's segment tasks ask for (--allow-empty): the decoder saw the video up to its end before
+    the range, so the range is empty, not lost; its segment is a file of 0 bytes, which the stitch leaves out."""
+    out = tmp_path / "o.mp4"
+    result = identity(str(clip), out, "--start", "50", "--allow-empty", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["frames"] == 0
+    assert out.stat().st_size == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
 @pytest.mark.parametrize(
