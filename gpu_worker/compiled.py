@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -131,14 +132,26 @@ def prepare(names: tuple[str, ...] = TRANSFORMERS, announce: Callable[[str], Non
 
 
 def _load_runner(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    # The package loader itself: torch's aoti_load_package first compares the machine with the package by
-    # compiling and running instruction-set probes (2.2 s here), which the artifact's key already settles.
-    loader_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
-    if loader_class is None:
-        model = torch._inductor.aoti_load_package(str(path))
-        return lambda args: [model(*args)]
-    loader = loader_class(str(path), "model", False, 1, -1)
-    return loader.boxed_run
+    # The loader unpacks the package into a folder of its own under $TMPDIR and removes it only in its
+    # destructor, which a worker leaving by os._exit never runs: every task left 3 MB in /tmp. Once loaded (its
+    # shared library mapped) the folder is not needed, so it goes into one of ours, removed at once.
+    scratch = tempfile.mkdtemp(prefix="stylize-aoti-")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        # The package loader itself: torch's aoti_load_package first compares the machine with the package by
+        # compiling and running instruction-set probes (2.2 s here), which the artifact's key already settles.
+        loader_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+        if loader_class is None:
+            model = torch._inductor.aoti_load_package(str(path))
+            return lambda args: [model(*args)]
+        return loader_class(str(path), "model", False, 1, -1).boxed_run
+    finally:
+        if previous is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _build_once(name: str, path: Path, announce: Callable[[str], None] | None) -> None:
