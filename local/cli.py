@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -95,10 +96,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"no such file: {video}")
     if args.output.suffix.lower() != ".mp4":
         raise InputError(f"output must be an .mp4 file, got {args.output.name}")
+    _check_writable(args.output)  # before the work, not after it
+    if args.segment_seconds is not None and not 1 <= args.segment_seconds <= 3600:
+        raise InputError(f"--segment-seconds must be 1 to 3600, got {args.segment_seconds:g}")
+    if not 1 <= args.workers <= 64:
+        raise InputError(f"--workers must be 1 to 64, got {args.workers}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="stylize-"))
     from pipeline import compute
 
-    compute.start_standby(workers=max(1, args.workers))  # it imports torch while this process imports the host
+    compute.start_standby(workers=args.workers)  # it imports torch while this process imports the host
+    # Being told to stop (kill, timeout, a closed terminal) is a Ctrl-C: the job is canceled and its files go.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _interrupt)
     try:
         return _run_job(args, work)
     finally:
@@ -122,8 +131,8 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
     # is this machine, whatever the environment says. Polling every 0.1 s costs nothing here (LocalCompute's
     # poll blocks until a task changes) and lets the job end sooner: the stitch loop sleeps before it polls.
     settings = replace(Settings.from_env(), storage="local", storage_root=work, compute="local",
-                       local_workers=max(1, args.workers), poll_seconds=0.1,
-                       **({"segment_seconds": args.segment_seconds} if args.segment_seconds else {}))
+                       local_workers=args.workers, poll_seconds=0.1,
+                       **({} if args.segment_seconds is None else {"segment_seconds": args.segment_seconds}))
     runtime.configure(settings)
     # The video and a style image are linked into the local "containers", never copied.
     _link(args.video, work / settings.input_container / args.video.name)
@@ -139,7 +148,7 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
             "preserve_color": args.preserve_color, "max_size": args.max_size}
     if args.temporal is not None:
         body["temporal"] = args.temporal
-    if args.segment_seconds:
+    if args.segment_seconds is not None:
         body["segment_seconds"] = args.segment_seconds
 
     import function_app
@@ -213,12 +222,36 @@ def _link(source: Path, target: Path) -> None:
     target.symlink_to(source.resolve())
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _check_writable(output: Path) -> None:
+    from gpu_worker.errors import InputError
+
+    if output.is_dir():
+        raise InputError(f"-o {output}: is a folder; give a file name ending in .mp4")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"-o {output}: cannot make its folder ({exc.strerror})") from None
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise InputError(f"-o {output}: its folder is not writable")
+
+
 def _move_into_place(produced: Path, output: Path) -> None:
     """Atomically: a partial file next to the output, then rename, so OUT is never half-written."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    from gpu_worker.errors import InputError
+
     partial = output.with_name(f".{output.name}.partial")
-    shutil.copyfile(produced, partial)
-    os.replace(partial, output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(produced, partial)
+        os.replace(partial, output)
+    except OSError as exc:
+        raise InputError(f"cannot write {output} ({exc.strerror})") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

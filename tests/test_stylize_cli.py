@@ -97,8 +97,13 @@ def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "nope.png"], "style image not found"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--temporal", "2"],
          "temporal must be between 0 (off) and 0.95, got 2"),
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--segment-seconds", "0"],
+         "--segment-seconds must be 1 to 3600, got 0"),  # 0 was taken as "not given"
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--workers", "0"],
+         "--workers must be 1 to 64, got 0"),
     ],
-    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "bad-temporal"],
+    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "bad-temporal", "segment-seconds-0",
+         "workers-0"],
 )
 def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
     source = make(tmp_path)
@@ -160,6 +165,64 @@ def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
     again = stylize("run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert frame_times(out) == frame_times(source)
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(where: str, tmp_path: Path) -> None:
+    """Found only after the whole job before, with a traceback and a partial file left beside it."""
+    source = make_clip(tmp_path, "bframes", seconds=1, size="64x48")
+    if where == "a folder":
+        out = tmp_path / "out.mp4"
+        out.mkdir()
+    else:
+        out = _write(tmp_path / "notes.txt", "x") / "out.mp4"
+    result = stylize("run", str(source), "-s", "7", "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: -o {out}: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "scoring" not in result.stderr  # refused before any work
+    assert not list(tmp_path.glob(".out.mp4*")) and (where != "a folder" or not list(out.iterdir()))
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path) -> None:
+    """kill, timeout or a closed terminal: the same as Ctrl-C (its work folder, with the finished segments, stayed
+    behind in /tmp before). Nothing else is left in $TMPDIR either: the compiled network's loader unpacked 3 MB
+    there that only its destructor removed, which a killed worker never runs."""
+    import signal
+    import time
+
+    import psutil
+
+    source = make_clip(tmp_path, "bframes", seconds=6, size="320x240")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "out.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out),
+                             "--segment-seconds", "6"], cwd=tmp_path, env={**_env(), "TMPDIR": str(scratch)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    workers: list = []
+    while time.monotonic() < deadline and not workers:
+        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in _command_line(c)]
+        time.sleep(0.05)
+    assert workers, "no worker started"
+    time.sleep(3)  # a task under way (the standby worker takes it)
+    proc.send_signal(getattr(signal, stop))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.rstrip().endswith("interrupted"), stderr
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, "workers outlived the run"
+    assert not out.exists() and list(scratch.iterdir()) == []
+
+
+def _command_line(process) -> str:
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return ""
 
 
 def test_run_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
