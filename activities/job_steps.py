@@ -44,6 +44,14 @@ def poll_tasks(request: dict) -> dict:
 
 
 @bp.activity_trigger(input_name="request")
+def check_compute(request: dict) -> dict:
+    """``{"blocked": reason}`` when the job's waiting tasks cannot start at all, else ``{"blocked": None}``."""
+    spec = JobSpec.from_dict(request["job"])
+    with telemetry.activity(spec.job_id, "check_compute", "scoring"):
+        return {"blocked": jobs.compute_blocker(spec, services())}
+
+
+@bp.activity_trigger(input_name="request")
 def submit_stitch(request: dict) -> int:
     spec = JobSpec.from_dict(request["job"])
     with telemetry.activity(spec.job_id, "submit_stitch", "stitching"):

@@ -7,8 +7,8 @@ continues-as-new every ``TICKS_PER_EXECUTION`` ticks.
 
 Everything the orchestration must remember across continue-as-new is one JSON dict, ``state``: when it
 started, the plan's summary (``prepared``), each segment's attempt, the stitch attempt, the monitor's tick
-count and the telemetry stage clock. The helpers below read it and return new values; only the
-orchestrator function itself assigns to it.
+count, since when tasks have waited with none running (``waiting_since``) and the telemetry stage clock. The
+helpers below read it and return new values; only the orchestrator function itself assigns to it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def stylize_video(context: df.DurableOrchestrationContext):
                 state["attempts"] = {**state["attempts"], **{str(i): a for i, a, _ in retries}}
                 yield call("submit_segments", {"job": job, "segments": [(i, a) for i, a, _ in retries]})
             state["stages"] = _report(context, job, state, "scoring", poll)
+            active = poll["running"] > 0 or poll["succeeded"] != state.get("succeeded", 0) or bool(retries)
+            state["succeeded"] = poll["succeeded"]
+            state["waiting_since"] = yield from _waiting(context, call, job, state.get("waiting_since"), active,
+                                                         options)
             if poll["succeeded"] == total:
                 state["frames"], state["stitch_attempt"] = poll["frames_done"], 0
                 break
@@ -83,10 +87,13 @@ def stylize_video(context: df.DurableOrchestrationContext):
             attempt = state["stitch_attempt"]
             yield call("submit_stitch", {"job": job, "total": total, "attempt": attempt})
             stitch = {"state": "pending"}
+            waiting_since = None
             while stitch["state"] in ("pending", "running"):
                 yield _sleep(context, options["poll_seconds"])
                 poll = yield call("poll_tasks", {"job": job, "total": 0, "attempts": {}, "stitch_attempt": attempt})
                 stitch = poll["stitch"]
+                waiting_since = yield from _waiting(context, call, job, waiting_since, stitch["state"] != "pending",
+                                                    options)
             if stitch["state"] == "succeeded":
                 break
             state["stitch_attempt"] = _next_attempt("stitching", stitch, attempt, options["max_attempts"])
@@ -132,6 +139,24 @@ def _submit_all(context: df.DurableOrchestrationContext, job: dict, segments: in
             if attempt == options["activity_attempts"]:
                 raise
         yield _sleep(context, options["activity_retry_seconds"])
+
+
+def _waiting(context: df.DurableOrchestrationContext, call, job: dict, since: str | None, active: bool,
+             options: dict):
+    """When the job's tasks began waiting with none of them running (ISO time, or None): every
+    ``queue_check_minutes`` of that, the compute backend is asked whether they can start at all, and the job fails
+    with its reason if not. Without this, a pool that gets no nodes (no quota for the size) or only unusable
+    ones (a missing image) kept a job at "scoring 0/N" forever, and unusable nodes are billed all along."""
+    now = context.current_utc_datetime
+    minutes = options.get("queue_check_minutes")  # absent from runs started before it existed
+    if active or minutes is None:
+        return None
+    if since is None or now - dt.datetime.fromisoformat(since) < dt.timedelta(minutes=minutes):
+        return since or now.isoformat()
+    verdict = yield call("check_compute", {"job": job})
+    if verdict["blocked"]:
+        raise JobFailed(f"none of this job's tasks can start: {verdict['blocked']}")
+    return now.isoformat()
 
 
 def _report(context: df.DurableOrchestrationContext, job: dict, state: dict, stage: str,

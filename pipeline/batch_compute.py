@@ -206,6 +206,27 @@ class BatchCompute:
 
     # ---- ComputeBackend --------------------------------------------------------------------------------
 
+    def blocker(self) -> str | None:
+        """What Batch says keeps the pool from running tasks: resize errors (no quota or capacity for the size,
+        an image it cannot use), or nodes that are all unusable or failed their start task (which are billed
+        while they sit there). A pool with no nodes yet and no errors is only slow (10-30 minutes for GPU sizes)."""
+        from azure.core.exceptions import HttpResponseError
+
+        pool = self.client.get_pool(self.pool_id, select=["id", "resizeErrors"])
+        errors = [f"{e.code}: {e.message}" for e in pool.resize_errors or []]
+        if errors:
+            return f"the Batch pool {self.pool_id} cannot add nodes ({'; '.join(errors[:2])})"
+        try:
+            states = [_value(node.state) for node in self.client.list_nodes(self.pool_id, select=["id", "state"])]
+        except HttpResponseError:  # listing nodes needs more than the Job Submitter role may give: errors suffice
+            return None
+        broken = {"unusable", "starttaskfailed"}
+        if states and all(state in broken for state in states):
+            counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(broken) if s in states)
+            return (f"every node of the Batch pool {self.pool_id} is unusable ({counts}): check the node image "
+                    "and the worker image in the registry (docs/batch.md)")
+        return None
+
     def submit(self, job_id: str, tasks: list[Task]) -> int:
         if not tasks:
             return 0

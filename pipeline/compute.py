@@ -61,6 +61,11 @@ class ComputeBackend(Protocol):
         """Forget the job and remove its scratch space (after success, failure or cancel)."""
         ...
 
+    def blocker(self) -> str | None:
+        """Why no task can start, where the backend knows one will never start as things are (a pool that gets
+        no nodes, or only unusable ones); None when waiting is all it takes."""
+        ...
+
 
 class JobCanceled(RuntimeError):
     pass
@@ -228,6 +233,9 @@ class LocalCompute:
             with job.uploading:  # an upload that began before the cancel finishes first; later ones see it
                 pass
         shutil.rmtree(self.scratch / job_id, ignore_errors=True)
+
+    def blocker(self) -> str | None:
+        return None  # the workers here take every task in turn
 
     def close(self) -> None:
         with self._lock:

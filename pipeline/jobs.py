@@ -169,6 +169,11 @@ def poll(job: JobSpec, svc: Services, total: int, attempts: dict[str, int], stit
     return result
 
 
+def compute_blocker(job: JobSpec, svc: Services) -> str | None:
+    """Why the job's waiting tasks cannot start (the compute backend's answer), or None."""
+    return while_running(job, svc, svc.compute.blocker)
+
+
 def submit_stitch(job: JobSpec, svc: Services, total: int, attempt: int) -> int:
     """The stitch runs as a compute task too: long ffmpeg work does not belong inside a Function."""
     return while_running(job, svc, lambda: _submit_stitch(job, svc, total, attempt))

@@ -139,7 +139,8 @@ def orchestration_input(job: JobSpec, settings: Settings) -> dict:
     return {"job": replace(job, run=uuid.uuid4().hex[:8]).to_dict(),
             "options": {"max_attempts": settings.max_attempts, "poll_seconds": settings.poll_seconds,
                         "activity_attempts": settings.activity_attempts,
-                        "activity_retry_seconds": settings.activity_retry_seconds}}
+                        "activity_retry_seconds": settings.activity_retry_seconds,
+                        "queue_check_minutes": settings.queue_check_minutes}}
 
 
 def rejected_input(container: str, name: str, error: InputError) -> dict:

@@ -57,6 +57,8 @@ class Settings:
     activity_attempts: int = 4  # per activity call: storage or Batch API hiccups are retried, bad input is not
     activity_retry_seconds: float = 5.0
     poll_seconds: float = 5.0
+    # tasks waiting this long with none of the job's running: ask the compute backend whether they can start at all
+    queue_check_minutes: float = 15.0
     task_timeout_minutes: int = 60
     max_duration_seconds: float = 4 * 3600.0
     max_frame_side: int = 7680  # 8K UHD; the worker itself refuses anything over 8192
@@ -130,6 +132,7 @@ class Settings:
             activity_attempts=get("ACTIVITY_ATTEMPTS", base.activity_attempts, int),
             activity_retry_seconds=get("ACTIVITY_RETRY_SECONDS", base.activity_retry_seconds, float),
             poll_seconds=get("POLL_SECONDS", base.poll_seconds, float),
+            queue_check_minutes=get("QUEUE_CHECK_MINUTES", base.queue_check_minutes, float),
             task_timeout_minutes=get("TASK_TIMEOUT_MINUTES", base.task_timeout_minutes, int),
             max_duration_seconds=get("MAX_DURATION_SECONDS", base.max_duration_seconds, float),
             max_frame_side=get("MAX_FRAME_SIDE", base.max_frame_side, int),
@@ -150,6 +153,7 @@ _RANGES = {
     "activity_attempts": ("ACTIVITY_ATTEMPTS", 1, 20),
     "activity_retry_seconds": ("ACTIVITY_RETRY_SECONDS", 0.1, 3600.0),
     "poll_seconds": ("POLL_SECONDS", 0.01, 300.0),
+    "queue_check_minutes": ("QUEUE_CHECK_MINUTES", 0.001, 24 * 60.0),
     "task_timeout_minutes": ("TASK_TIMEOUT_MINUTES", 1, 7 * 24 * 60),
     "max_duration_seconds": ("MAX_DURATION_SECONDS", 1.0, 7 * 24 * 3600.0),
     "max_frame_side": ("MAX_FRAME_SIDE", 64, 8192),

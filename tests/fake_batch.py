@@ -61,6 +61,10 @@ TASK_SELECT = {"id", "url", "eTag", "lastModified", "creationTime", "state", "st
                "userIdentity", "executionInfo", "nodeInfo", "displayName"}
 JOB_SELECT = {"id", "url", "eTag", "lastModified", "creationTime", "state", "stateTransitionTime", "poolInfo",
               "constraints", "executionInfo", "metadata", "displayName", "onAllTasksComplete", "onTaskFailure"}
+POOL_SELECT = {"id", "url", "eTag", "lastModified", "creationTime", "state", "allocationState", "vmSize",
+               "taskSlotsPerNode", "enableAutoScale", "currentDedicatedNodes", "currentLowPriorityNodes",
+               "resizeErrors"}
+NODE_SELECT = {"id", "url", "state", "vmSize"}
 UPLOAD_CONDITIONS = {"tasksuccess", "taskfailure", "taskcompletion"}
 
 
@@ -199,6 +203,10 @@ class FakeBatch:
         # The fake's nodes are this machine, which has no GPU: its pools are of a CPU size, so BatchCompute runs
         # the workers on the CPU. A test sets a GPU size to see what a node without a working GPU does.
         self.vm_size = "standard_d4s_v5"
+        # What a pool that cannot run tasks shows: resize errors ({"code", "message"}) and its nodes' states
+        # (None: one idle node per execution slot).
+        self.resize_errors: list[dict] = []
+        self.node_states: list[str] | None = None
         self.worker_image = worker_image
         self.pool_identity = pool_identity
         self.pool_identity_client_id = pool_identity_client_id
@@ -394,7 +402,9 @@ class FakeBatch:
     def _route(self, method: str, path: str, query: dict, body, request) -> tuple[int, object, dict]:
         parts = [p for p in path.split("/") if p]
         if method == "GET" and len(parts) == 2 and parts[0] == "pools":
-            return self._get_pool(parts[1])
+            return self._get_pool(parts[1], query)
+        if method == "GET" and len(parts) == 3 and parts[0] == "pools" and parts[2] == "nodes":
+            return self._list_nodes(parts[1], query)
         if parts[:1] == ["jobs"]:
             if method == "POST" and len(parts) == 1:
                 return self._create_job(body)
@@ -419,13 +429,26 @@ class FakeBatch:
 
     # ---- pools and jobs ------------------------------------------------------------------------------
 
-    def _get_pool(self, pool_id: str):
+    def _get_pool(self, pool_id: str, query: dict):
         if pool_id not in self.pools:
             raise Refused(404, "PoolNotFound", f"The specified pool {pool_id} does not exist.")
-        return 200, {"id": pool_id, "url": f"{self.url}/pools/{pool_id}", "state": "active",
-                     "allocationState": "steady", "vmSize": self.vm_size, "taskSlotsPerNode": 1,
-                     "enableAutoScale": True, "currentDedicatedNodes": 0, "currentLowPriorityNodes": 0,
-                     "eTag": "0x1", "lastModified": _ts(_now()), "creationTime": _ts(_now())}, {}
+        pool = {"id": pool_id, "url": f"{self.url}/pools/{pool_id}", "state": "active",
+                "allocationState": "steady", "vmSize": self.vm_size, "taskSlotsPerNode": 1,
+                "enableAutoScale": True, "currentDedicatedNodes": len(self._node_states()),
+                "currentLowPriorityNodes": 0, "eTag": "0x1", "lastModified": _ts(_now()), "creationTime": _ts(_now())}
+        if self.resize_errors:
+            pool["resizeErrors"] = [{"code": e["code"], "message": e["message"]} for e in self.resize_errors]
+        return 200, self._select(pool, query, POOL_SELECT), {}
+
+    def _node_states(self) -> list[str]:
+        return ["idle"] * len(self._nodes) if self.node_states is None else list(self.node_states)
+
+    def _list_nodes(self, pool_id: str, query: dict):
+        if pool_id not in self.pools:
+            raise Refused(404, "PoolNotFound", f"The specified pool {pool_id} does not exist.")
+        nodes = [{"id": f"tvmps_{i:04d}", "url": f"{self.url}/pools/{pool_id}/nodes/tvmps_{i:04d}", "state": state,
+                  "vmSize": self.vm_size} for i, state in enumerate(self._node_states())]
+        return 200, {"value": [self._select(node, query, NODE_SELECT) for node in nodes]}, {}
 
     def _existing_job(self, job_id: str) -> FakeJob:
         job = self.jobs.get(job_id.lower())

@@ -183,6 +183,46 @@ def test_a_gpu_pool_whose_nodes_have_no_working_gpu_fails_the_job_at_once(batch_
     assert_job_gone(fake, svc, run_id(host, job_id))
 
 
+@pytest.mark.parametrize("pool", ["no quota", "unusable nodes", "only slow"])
+def test_a_pool_that_cannot_run_tasks_fails_the_job_with_batchs_reason(pool: str, azurite: str, tmp_path: Path,
+                                                                       clip: Path, monkeypatch) -> None:
+    """Tasks wait with none running: every QUEUE_CHECK_MINUTES the pool is asked whether they can start at all.
+    A pool that gets no nodes (no quota for its size) or only unusable ones (billed while they sit there) kept a
+    job at "scoring 0/N" forever; now the job fails with Batch's reason and its Batch job ends, so the pool's
+    autoscale has nothing left to wait for. A pool that is only slow to get nodes keeps the job waiting."""
+    fake = FakeBatch(azurite, tmp_path / "nodes", nodes=0)  # no node ever takes a task
+    try:
+        if pool == "no quota":
+            fake.resize_errors = [{"code": "AccountCoreQuotaReached",
+                                   "message": "The specified account has reached VM core quota for the family"}]
+            reason = ("the Batch pool stylize-gpu cannot add nodes (AccountCoreQuotaReached: The specified account "
+                      "has reached VM core quota for the family)")
+        elif pool == "unusable nodes":
+            fake.node_states = ["unusable", "starttaskfailed", "unusable"]
+            reason = ("every node of the Batch pool stylize-gpu is unusable (1 starttaskfailed, 2 unusable): check "
+                      "the node image and the worker image in the registry (docs/batch.md)")
+        monkeypatch.setattr(batch_compute, "default_credential",
+                            lambda: AzureNamedKeyCredential(fake.account, fake.key))
+        svc = runtime.configure(batch_settings(azurite, tmp_path, fake, queue_check_minutes=0.005))  # 0.3 s
+        with LocalDurableHost(function_app.app, max_workers=4) as host:
+            job_id = start(host, svc, clip)
+            if pool == "only slow":
+                time.sleep(3)  # ten checks' worth
+                status = host.status(job_id)
+                assert status["runtimeStatus"] == "Running" and status["customStatus"]["stage"] == "scoring"
+                code, _ = call(host, "cancel_job", "POST", route={"job_id": job_id})
+                assert code == 202
+                return
+            status = host.wait(job_id, timeout=60)
+            assert status["runtimeStatus"] == "Failed"
+            assert status["customStatus"]["error"] == {"kind": "internal",
+                                                       "message": f"none of this job's tasks can start: {reason}"}
+            assert_job_gone(fake, svc, run_id(host, job_id))
+    finally:
+        fake.close()
+    assert fake.violations == []
+
+
 def test_a_pools_vm_size_decides_the_tasks_device() -> None:
     assert [batch_compute.worker_device(size) for size in ("Standard_NC4as_T4_v3", "standard_nd96isr_h100_v5",
                                                            "Standard_NV36ads_A10_v5", "Standard_D4s_v5",
