@@ -150,7 +150,8 @@ def _run_single(
         scored: queue.Queue = queue.Queue(maxsize=2)
         writer = media.SegmentWriter(
             output, width=out_w, height=out_h, time_base=stream.time_base,
-            sample_aspect_ratio=_stored_sar(stream, turns), frame_rate=stream.average_rate,
+            sample_aspect_ratio=_stored_sar(stream, turns, (probe_frame.height, probe_frame.width), (height, width)),
+            frame_rate=stream.average_rate,
             matrix=matrix, preset=encoder.preset, crf=encoder.crf, threads=encoder.threads, colour=tags,
         )
         pts_seen: list[int] = []
@@ -421,8 +422,12 @@ def _scaled(height: int, width: int, max_size: int) -> tuple[int, int]:
     return max(2, round(height * scale)), max(2, round(width * scale))
 
 
-def _stored_sar(stream, turns: int) -> Fraction:
-    sar = media.sample_aspect(stream)
+def _stored_sar(stream, turns: int, size: tuple[int, int], scaled: tuple[int, int]) -> Fraction:
+    """The output's sample aspect ratio: the source's, with what rounding the scaled sides changed folded in (a
+    2048x16 video at --max-size 160 is 160x2, whose pixels are then 1.6 times as wide), so the display aspect
+    is the source's."""
+    (height, width), (scaled_height, scaled_width) = size, scaled
+    sar = media.sample_aspect(stream) * Fraction(width * scaled_height, height * scaled_width)
     return 1 / sar if turns % 2 else sar  # a quarter turn swaps which axis the pixels stretch
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.media_helpers import FFMPEG, RangeFileServer, frame_times, make_clip, sample_clip
+from tests.media_helpers import (
+    FFMPEG,
+    RangeFileServer,
+    display_aspect,
+    frame_times,
+    make_clip,
+    sample_clip,
+    video_stream_info,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +138,21 @@ def test_other_protocols_are_refused(source: str, tmp_path: Path) -> None:
 def test_bad_ranges(args: list[str], message: str, clip: Path, tmp_path: Path) -> None:
     assert_bad_input(identity(str(clip), tmp_path / "o.mp4", *args), message)
     assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize(("case", "size", "max_size"), [("odd_size", "99x75", 64), ("bframes", "2048x16", 160),
+                                                       ("non_square", "160x120", 64)])
+def test_max_size_keeps_the_display_aspect(case: str, size: str, max_size: int, tmp_path: Path) -> None:
+    """Scaling rounds each side to whole pixels (2048x16 at --max-size 160 is 160x2, not 160x1.25); the rounding
+    now goes into the pixel aspect ratio, as the rounding up to even sides does, instead of squashing the picture
+    (a display aspect of 80 instead of 128 there, 1.333 instead of 1.32 for 99x75)."""
+    source = make_clip(tmp_path, case, seconds=0.4, size=size)
+    out = tmp_path / "out.mp4"
+    result = worker("stylize", str(source), str(out), "-s", "7", "--max-size", str(max_size), "--temporal", "0")
+    assert result.returncode == 0, result.stderr
+    info = video_stream_info(out)
+    assert max(info["width"], info["height"]) <= max_size
+    assert abs(display_aspect(info) / display_aspect(video_stream_info(source)) - 1) < 0.002
 
 
 def test_a_range_past_the_last_frame_is_an_empty_segment_when_allowed(clip: Path, tmp_path: Path) -> None:
