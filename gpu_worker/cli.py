@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    output = getattr(args, "output", None)
+    if args.command in ("stylize", "stitch") and not output.parent.is_dir():  # found only after the work otherwise
+        raise InputError(f"the output's folder {output.parent} does not exist", field="output")
     if args.command == "probe":
         from gpu_worker.media import probe
 

@@ -274,7 +274,8 @@ def decode_range(
 
     With ``preroll``, up to that many frames before ``start`` come first (a stage that carries state from
     frame to frame warms up on them); the caller tells them apart by ``frame.pts < range_pts(...)[0]``.
-    They come only if the range itself has a frame. ``seen["before"]``, if given, counts the frames decoded before
+    They come only if the range itself has a frame. A frame whose pts is not after the one before it is left
+    out. ``seen["before"]``, if given, counts the frames decoded before
     ``start`` (warm-up or not). Safe to run on a thread while another closes ``container`` (see :class:`Source`).
     """
     lo, hi = range_pts(start, end, stream.time_base)
@@ -285,10 +286,17 @@ def decode_range(
     frames = _seek_before(container, stream, seek_to)
     before: deque[av.VideoFrame] = deque(maxlen=preroll or 1)
     decoded_to = None  # where the last decoded frame ends
+    newest = None  # the largest pts decoded
     try:
         for frame in frames:
             if frame.pts is None:
                 raise InputError("the video has frames without timestamps; remux it (e.g. to MP4) first")
+            if newest is not None and frame.pts <= newest:
+                # A frame at a time already shown (a repeated or backward timestamp, as some recorders and
+                # edits leave) cannot be stored in MP4, where each frame has its own time: the first one shown
+                # at that time is kept, as a player shows it.
+                continue
+            newest = frame.pts
             if hi is not None and frame.pts >= hi:
                 return
             if seen is not None and frame.pts < lo:

@@ -155,6 +155,26 @@ def test_max_size_keeps_the_display_aspect(case: str, size: str, max_size: int, 
     assert abs(display_aspect(info) / display_aspect(video_stream_info(source)) - 1) < 0.002
 
 
+def test_an_output_in_a_missing_folder_is_refused_first(clip: Path, tmp_path: Path) -> None:
+    result = identity(str(clip), tmp_path / "nowhere" / "o.mp4")
+    assert_bad_input(result, f"the output's folder {tmp_path / 'nowhere'} does not exist")  # was an internal error
+
+
+def test_repeated_timestamps_keep_the_first_frame_shown_at_each(tmp_path: Path) -> None:
+    """A recorder's repeated frame times (28 of 100 frames here) failed the task with an internal error naming a
+    hidden temporary file: MP4 cannot store two frames at one time. The first frame at each time is kept."""
+    source = tmp_path / "repeats.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=128x72:r=25:d=4", "-vf",
+                    "setpts='if(lt(N,20),N/25,if(lt(N,40),0.8+(N-20)/10,2.8+(N-40)/50))/TB'", "-fps_mode",
+                    "passthrough", "-c:v", "libx264", "-bf", "2", str(source)], check=True)
+    shown = sorted(set(frame_times(source)))
+    assert len(shown) < len(frame_times(source))  # the source does repeat times
+    out = tmp_path / "o.mp4"
+    result = identity(str(source), out)
+    assert result.returncode == 0, result.stderr
+    assert frame_times(out) == shown
+
+
 def test_a_range_past_the_last_frame_is_an_empty_segment_when_allowed(clip: Path, tmp_path: Path) -> None:
     """What the pipeline's segment tasks ask for (--allow-empty): the decoder saw the video up to its end before
     the range, so the range is empty, not lost; its segment is a file of 0 bytes, which the stitch leaves out."""
