@@ -139,7 +139,8 @@ class _LocalJob:
 
 
 class LocalCompute:
-    """Worker processes on this machine, ``workers`` at a time, in submission order.
+    """Worker processes on this machine, ``workers`` at a time, in submission order, except that a stitch goes
+    first: a job whose segments are done waits seconds for its stitch, not for another job's whole scoring.
 
     :meth:`poll` waits up to ``poll_wait_seconds`` for one of the job's tasks to change state: the monitor
     then ticks when there is news rather than every ``POLL_SECONDS``, and replaying its history on every
@@ -174,7 +175,10 @@ class LocalCompute:
             new = [t for t in tasks if t.id not in job.states]
             for task in new:
                 job.states[task.id] = TaskState(task.id, "pending")
-                self._queue.append((job, job_id, task))
+                if task.args[:1] == ["stitch"]:
+                    self._queue.appendleft((job, job_id, task))
+                else:
+                    self._queue.append((job, job_id, task))
             self._changed(job)
             return len(new)
 

@@ -204,6 +204,33 @@ def test_local_poll_answers_at_news_and_waits_quietly_between(tmp_path: Path) ->
         compute.close()
 
 
+def test_a_stitch_does_not_wait_behind_another_jobs_segments(tmp_path: Path) -> None:
+    """Two jobs on one worker: job a's stitch, submitted after job b's segments, runs before them (it waited for
+    all of b's scoring before, and a showed "stitching" all that time)."""
+    import sys
+
+    from pipeline.compute import LocalCompute, Task
+
+    fake_python = tmp_path / "fake-python"  # records the order tasks ran in
+    order = tmp_path / "order.txt"
+    fake_python.write_text(f"#!{sys.executable}\nimport sys, time\ntime.sleep(0.2)\n"
+                           f"open({str(order)!r}, 'a').write(' '.join(sys.argv[3:]) + '\\n')\n"
+                           "open('out.mp4', 'wb').write(b'x')\n")
+    fake_python.chmod(0o755)
+    compute = LocalCompute(LocalStorage(tmp_path / "storage"), tmp_path / "scratch", python=str(fake_python),
+                           poll_wait_seconds=0.1)
+    try:
+        compute.submit("a", [Task("seg-0", ["stylize", "a0"], "work", "a/0.mp4")])
+        compute.submit("b", [Task(f"seg-{i}", ["stylize", f"b{i}"], "work", f"b/{i}.mp4") for i in range(3)])
+        compute.submit("a", [Task("stitch", ["stitch", "a"], "work", "a/out.mp4")])
+        while any(s.state in ("pending", "running") for job in ("a", "b") for s in compute.poll(job).values()):
+            pass
+        ran = order.read_text().splitlines()
+        assert ran.index("stitch a") < ran.index("stylize b1"), ran
+    finally:
+        compute.close()
+
+
 @pytest.mark.parametrize(("workers", "own", "spin"), [(1, None, "30000"), (2, None, None), (1, "0", "0")])
 def test_only_a_worker_alone_on_the_machine_lets_its_threads_spin(tmp_path: Path, monkeypatch, workers: int,
                                                                     own: str | None, spin: str | None) -> None:
