@@ -192,6 +192,8 @@ def _view(status: df.DurableOrchestrationStatus) -> dict:
     view = {"id": status.instance_id, "runtime_status": status.runtime_status.name,
             "created": status.created_time.isoformat() if status.created_time else None,
             "updated": status.last_updated_time.isoformat() if status.last_updated_time else None, **custom}
+    if status.runtime_status.name in ("Terminated", "Failed", "Completed") and isinstance(view.get("segments"), dict):
+        view["segments"] = {**view["segments"], "running": 0}  # an ended job runs nothing, whatever it last showed
     if status.runtime_status.name == "Terminated":
         view["stage"] = "canceled"
     if status.runtime_status.name == "Completed" and isinstance(status.output, dict):

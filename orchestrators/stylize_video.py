@@ -7,8 +7,9 @@ continues-as-new every ``TICKS_PER_EXECUTION`` ticks.
 
 Everything the orchestration must remember across continue-as-new is one JSON dict, ``state``: when it
 started, the plan's summary (``prepared``), each segment's attempt, the stitch attempt, the monitor's tick
-count, since when tasks have waited with none running (``waiting_since``) and the telemetry stage clock. The
-helpers below read it and return new values; only the orchestrator function itself assigns to it.
+count, the last progress (``progress``), since when tasks have waited with none running (``waiting_since``) and
+the telemetry stage clock. The helpers below read it and return new values; only the orchestrator function
+itself assigns to it.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def stylize_video(context: df.DurableOrchestrationContext):
                 state["attempts"] = {**state["attempts"], **{str(i): a for i, a, _ in retries}}
                 yield call("submit_segments", {"job": job, "segments": [(i, a) for i, a, _ in retries]})
             state["stages"] = _report(context, job, state, "scoring", poll)
-            active = poll["running"] > 0 or poll["succeeded"] != state.get("succeeded", 0) or bool(retries)
-            state["succeeded"] = poll["succeeded"]
+            active = poll["running"] > 0 or poll["succeeded"] != state.get("progress", {}).get("succeeded", 0) \
+                or bool(retries)
+            # kept for the status the job ends with, should it fail (no running count: nothing runs then)
+            state["progress"] = {"succeeded": poll["succeeded"], "frames_done": poll["frames_done"]}
             state["waiting_since"] = yield from _waiting(context, call, job, state.get("waiting_since"), active,
                                                          options)
             if poll["succeeded"] == total:
@@ -81,7 +84,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
                 context.continue_as_new({**args, "state": state})
                 return None
 
-        done = {"succeeded": total, "frames_done": state["frames"]}
+        done = state["progress"] = {"succeeded": total, "frames_done": state["frames"]}
         state["stages"] = _report(context, job, state, "stitching", done)
         while True:
             attempt = state["stitch_attempt"]
@@ -111,7 +114,7 @@ def stylize_video(context: df.DurableOrchestrationContext):
         return {"job_id": job["job_id"], "output": job["output_name"], **summary}
     except Exception as exc:
         error = failure(exc)
-        state["stages"] = _report(context, job, state, "failed", error=error)
+        state["stages"] = _report(context, job, state, "failed", state.get("progress"), error=error)
         _info(context, job, "failed: %s", error["message"])
         telemetry.job_failed(context, error, state.get("stages"))
         try:

@@ -244,6 +244,7 @@ def test_cancel_during_scoring_stops_everything(stack: Stack, clip: Path) -> Non
     assert code == 409 and "already Terminated" in reply["error"]
     code, view = stack.call("get_job", route={"job_id": job_id})
     assert code == 200 and view["stage"] == "canceled"
+    assert view["segments"]["running"] == 0  # it showed the segments that ran when it was canceled
 
 
 def test_cancel_during_stitching_publishes_nothing(stack: Stack, clip: Path, tmp_path: Path) -> None:

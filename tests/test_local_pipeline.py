@@ -133,6 +133,25 @@ def test_segment_that_always_fails_fails_the_job(local_app, clip: Path) -> None:
     assert svc.storage.list_names("output") == [] and svc.storage.list_names("work") == []
 
 
+def test_a_failed_job_shows_the_progress_it_had_made(local_app, clip: Path) -> None:
+    """The last segment fails on every attempt; it can only start once an earlier one has finished (two workers,
+    three segments). The failed status keeps the segments and frames done (it showed 0 of each) and nothing
+    running."""
+    host, svc = local_app
+    stop = threading.Event()
+    kill_attempts(svc, {"seg00002-a0", "seg00002-a1", "seg00002-a2"}, stop)
+    try:
+        job_id = start(host, input=put_input(svc, clip), style="7", temporal=0)
+        status = wait(host, job_id)
+    finally:
+        stop.set()
+    assert status["runtimeStatus"] == "Failed"
+    code, view = call(host, "get_job", route={"job_id": job_id})
+    assert code == 200 and view["stage"] == "failed"
+    assert view["segments"]["done"] >= 1 and view["segments"]["running"] == 0
+    assert view["frames"]["done"] == 25 * view["segments"]["done"]  # 25 fps, 1-second segments
+
+
 def test_unknown_job_is_404(local_app) -> None:
     host, _ = local_app
     assert call(host, "get_job", route={"job_id": "nope"})[0] == 404
