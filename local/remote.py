@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -14,6 +15,10 @@ from gpu_worker.style_spec import parse_style
 from pipeline.jobspec import check_blob_name, instance_id
 
 TERMINAL = {"Completed", "Failed", "Terminated"}
+# While following a job, this many failed polls in a row (a 5xx, 429, a dropped connection) are waited out: a
+# Function App restarting or scaling answers 503 for a moment, and that is no reason to stop following.
+TRANSIENT_TRIES = 5
+_TRANSIENT_CODES = {429, 500, 502, 503, 504}
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -59,19 +64,35 @@ def follow(args: argparse.Namespace) -> int:
         raise InputError("--app must be an https:// URL: the function key is never sent over plain http")
     headers = {"x-functions-key": args.key} if args.key else {}  # a header keeps the key out of URLs and logs
     opener = urllib.request.build_opener(_NoRedirect)
+    failures = 0
     while True:
         try:
             with opener.open(urllib.request.Request(url, headers=headers), timeout=30) as response:
                 status = json.loads(response.read())
+            failures = 0
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             if args.key:  # an error page may echo the request's headers
                 detail = detail.replace(args.key, "***")
-            raise InputError(f"status endpoint answered {exc.code}: {detail[:200]}") from None
+            failures += 1
+            if exc.code not in _TRANSIENT_CODES or args.once or failures >= TRANSIENT_TRIES:
+                raise InputError(f"status endpoint answered {exc.code}: {detail[:200]}") from None
+            time.sleep(args.interval)
+            continue
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # no connection, a timeout, not JSON
+            failures += 1
+            if args.once or failures >= TRANSIENT_TRIES:
+                reason = getattr(exc, "reason", exc)
+                raise InputError(f"cannot read the status endpoint {parts.scheme}://{parts.netloc}: {reason}") from None
+            time.sleep(args.interval)
+            continue
         runtime = status.get("runtime_status")
         if args.once or runtime in TERMINAL:
             view.close()
             print(json.dumps(status, indent=1))
+            error = status.get("error") or {}
+            if runtime != "Completed" and error.get("message"):
+                print(f"error: {error['message']}", file=sys.stderr)
             return 0 if runtime == "Completed" or args.once else 1
         view.show(status)
         time.sleep(args.interval)

@@ -171,6 +171,9 @@ def test_stylize_status_follows_a_job_over_http(local_app, clip: Path) -> None:
     class Front(loopback.Handler):
         def do_GET(self) -> None:
             seen_keys.append(self.headers.get("x-functions-key"))
+            if len(seen_keys) == 2:  # a Function App restarting answers 503 for a moment: following goes on
+                self.reply(503, "Service Unavailable")
+                return
             job_id = self.path.split("?")[0].rsplit("/", 1)[-1]
             code, body = call(host, "get_job", route={"job_id": job_id})
             self.reply(code, json.dumps(body))
@@ -187,6 +190,11 @@ def test_stylize_status_follows_a_job_over_http(local_app, clip: Path) -> None:
             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
     finally:
         server.close()
+    nobody = subprocess.run(  # the server is gone: a one-line reason, no traceback
+        [sys.executable, "-m", "local.cli", "status", "nope", "--app", server.url, "--once"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert nobody.returncode == 2 and nobody.stderr.startswith(f"error: cannot read the status endpoint {server.url}")
+    assert len(nobody.stderr.splitlines()) == 1, nobody.stderr
     assert follow.returncode == 0, follow.stderr
     final = json.loads(follow.stdout)
     assert final["runtime_status"] == "Completed" and final["frames"]["done"] == len(frame_times(clip))
