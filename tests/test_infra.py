@@ -214,6 +214,8 @@ def test_postdeploy_hook_is_wired_for_posix_and_windows():
         text = (ROOT / run).read_text(encoding="utf-8")
         assert "az functionapp keys list" in text and "systemKeys.blobs_extension" in text, run
         assert "eventgrid.bicep" in text and "eventgrid-input-blob-created" in text, run
+        # the worker image exists before uploads can start jobs (nodes without it are unusable, and billed)
+        assert text.index("az acr build") < text.index("eventgrid-input-blob-created"), run
         for name in ("POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS", "AZURE_SUBSCRIPTION_ID"):
             assert name in text, f"{run} does not read {name}"
     sh = ROOT / HOOKS["posix"][1]
@@ -246,8 +248,9 @@ def test_every_az_call_in_the_hooks_names_the_subscription():
         assert len(calls) >= 3, f"{run}: expected the key lookup, the deployment and the hint, found {calls}"
 
 
-def _fake_az(tmp_path: Path, *, key_after: int, fail_with: str = "") -> tuple[Path, Path]:
-    """An `az` on PATH that logs its arguments and hands out the key from the `key_after`-th lookup on."""
+def _fake_az(tmp_path: Path, *, key_after: int, fail_with: str = "", image: bool = True) -> tuple[Path, Path]:
+    """An `az` on PATH that logs its arguments and hands out the key from the `key_after`-th lookup on; the
+    registry has the worker image if ``image``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "az.log"
@@ -262,6 +265,8 @@ case "$*" in
     if [ "$n" -ge {key_after} ]; then echo "k3y-Value_=="; else echo ""; fi ;;
   *"deployment group create"*)
     for a in "$@"; do case "$a" in @*) cp "${{a#@}}" "{tmp_path}/params.json";; esac; done ;;
+  *"acr repository show"*)
+    if [ "{int(image)}" = 0 ]; then echo "ERROR: manifest unknown" >&2; exit 1; fi ;;
 esac
 """,
         encoding="utf-8",
@@ -278,6 +283,8 @@ def _run_posix_hook(tmp_path: Path, bin_dir: Path, attempts: int = 5) -> subproc
         "AZURE_FUNCTION_APP_NAME": "func-test",
         "AZURE_FUNCTION_APP_HOSTNAME": "func-test.azurewebsites.net",
         "EVENTGRID_SYSTEM_TOPIC_NAME": "evgt-test",
+        "AZURE_CONTAINER_REGISTRY_NAME": "crtest",
+        "BATCH_WORKER_IMAGE": "crtest.azurecr.io/stylize-worker:latest",
         "POSTDEPLOY_KEY_ATTEMPTS": str(attempts),
         "POSTDEPLOY_KEY_DELAY_SECONDS": "0",
     }
@@ -291,7 +298,8 @@ def test_posix_hook_waits_for_the_key_then_deploys_with_azds_subscription(tmp_pa
     proc = _run_posix_hook(tmp_path, bin_dir)
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text(encoding="utf-8").splitlines()
-    assert [c.split(" --")[0] for c in calls] == ["functionapp keys list"] * 3 + ["deployment group create"]
+    assert [c.split(" --")[0] for c in calls] == ["functionapp keys list"] * 3 + [
+        "acr repository show", "deployment group create"]  # the registry has the image: nothing to build
     assert all("--subscription 00000000-1111-2222-3333-444444444444" in c for c in calls), calls
     assert "k3y" not in "".join(calls), "the key must not be on a command line"
     params = json.loads((tmp_path / "params.json").read_text(encoding="utf-8"))["parameters"]
@@ -300,6 +308,19 @@ def test_posix_hook_waits_for_the_key_then_deploys_with_azds_subscription(tmp_pa
         "functionAppHostName": {"value": "func-test.azurewebsites.net"},
         "blobsExtensionKey": {"value": "k3y-Value_=="},
     }
+
+
+def test_posix_hook_builds_the_worker_image_before_uploads_can_start_jobs(tmp_path):
+    bin_dir, log = _fake_az(tmp_path, key_after=1, image=False)
+    proc = _run_posix_hook(tmp_path, bin_dir)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text(encoding="utf-8").splitlines()
+    assert [c.split(" --")[0] for c in calls] == ["functionapp keys list", "acr repository show", "acr build",
+                                                  "deployment group create"]
+    build = calls[2].split()
+    assert build[build.index("--registry") + 1] == "crtest" and build[build.index("--image") + 1] == \
+        "stylize-worker:latest"
+    assert build[-1] == str(ROOT / "infra" / ".." / "gpu_worker")
 
 
 def test_posix_hook_shows_the_az_error_instead_of_blaming_indexing(tmp_path):
@@ -788,7 +809,7 @@ def test_main_outputs_what_the_app_and_azd_need():
         {"subscription_id": None},
         "subscriptionId",
     )
-    tunables = {"POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS"}
+    tunables = {"POSTDEPLOY_KEY_ATTEMPTS", "POSTDEPLOY_KEY_DELAY_SECONDS", "POSTDEPLOY_BUILD_IMAGE"}
     sh = (INFRA / "hooks" / "postdeploy.sh").read_text(encoding="utf-8")
     ps1 = (INFRA / "hooks" / "postdeploy.ps1").read_text(encoding="utf-8")
     read_sh = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", sh)) - tunables

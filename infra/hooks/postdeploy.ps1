@@ -1,5 +1,5 @@
 # azd postdeploy hook (Windows; infra/hooks/postdeploy.sh is the Linux/macOS twin, keep them in step):
-# subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the `input` container
+# build the worker image if the registry lacks it, then subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the `input` container
 # (infra/eventgrid.bicep, a deployment of its own in the environment's resource group).
 #
 # Why here and not in main.bicep: the webhook URL carries the Function App's `blobs_extension` system
@@ -29,6 +29,8 @@ $resourceGroup = Get-AzdValue 'AZURE_RESOURCE_GROUP'
 $appName = Get-AzdValue 'AZURE_FUNCTION_APP_NAME'
 $appHostName = Get-AzdValue 'AZURE_FUNCTION_APP_HOSTNAME'
 $topicName = Get-AzdValue 'EVENTGRID_SYSTEM_TOPIC_NAME'
+$registry = Get-AzdValue 'AZURE_CONTAINER_REGISTRY_NAME'
+$workerImage = Get-AzdValue 'BATCH_WORKER_IMAGE'
 
 $infraDir = Split-Path -Parent $PSScriptRoot
 $attempts = if ($env:POSTDEPLOY_KEY_ATTEMPTS) { [int] $env:POSTDEPLOY_KEY_ATTEMPTS } else { 30 }
@@ -86,6 +88,28 @@ try {
     }
     # UTF-8 without a byte order mark in both PowerShell versions (their Out-File defaults differ).
     [IO.File]::WriteAllText($params, ($document | ConvertTo-Json -Depth 5), (New-Object Text.UTF8Encoding $false))
+
+    # The worker image, before the subscription: each new Batch node pulls it as it starts, and without it the
+    # pool's nodes are unusable (and billed) while the first upload's tasks wait. Built in Azure (no local
+    # Docker) when the registry lacks it; POSTDEPLOY_BUILD_IMAGE=always builds it again.
+    $image = $workerImage.Substring($workerImage.IndexOf('/') + 1)
+    $build = $env:POSTDEPLOY_BUILD_IMAGE -eq 'always'
+    if (-not $build) {
+        $ErrorActionPreference = 'Continue'
+        az acr repository show --subscription $subscription --name $registry --image $image --output none 2> $errFile
+        $ErrorActionPreference = 'Stop'
+        $build = $LASTEXITCODE -ne 0
+    }
+    if ($build) {
+        Write-Host "postdeploy: building $image in $registry with ACR Tasks (the first build takes a while)"
+        $ErrorActionPreference = 'Continue'
+        az acr build --subscription $subscription --registry $registry --image $image `
+            (Join-Path (Split-Path -Parent $infraDir) 'gpu_worker')
+        $ErrorActionPreference = 'Stop'
+        if ($LASTEXITCODE -ne 0) {
+            throw "building the worker image failed (exit code $LASTEXITCODE)"
+        }
+    }
 
     Write-Host "postdeploy: creating Event Grid subscription input-blob-created on $topicName"
     $ErrorActionPreference = 'Continue'

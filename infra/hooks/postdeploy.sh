@@ -1,6 +1,6 @@
 #!/bin/sh
 # azd postdeploy hook (Linux, macOS, WSL; infra/hooks/postdeploy.ps1 is the Windows twin, keep them in step):
-# subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the `input` container
+# build the worker image if the registry lacks it, then subscribe the blob trigger `on_video_uploaded` to BlobCreated events of the `input` container
 # (infra/eventgrid.bicep, a deployment of its own in the environment's resource group).
 #
 # Why here and not in main.bicep: the webhook URL carries the Function App's `blobs_extension` system
@@ -18,6 +18,8 @@ set -eu
 : "${AZURE_FUNCTION_APP_NAME:?not set: run through azd}"
 : "${AZURE_FUNCTION_APP_HOSTNAME:?not set: run through azd}"
 : "${EVENTGRID_SYSTEM_TOPIC_NAME:?not set: run through azd}"
+: "${AZURE_CONTAINER_REGISTRY_NAME:?not set: run through azd}"
+: "${BATCH_WORKER_IMAGE:?not set: run through azd}"
 
 infra_dir=$(cd "$(dirname "$0")/.." && pwd)
 attempts=${POSTDEPLOY_KEY_ATTEMPTS:-30}
@@ -67,6 +69,17 @@ cat >"$params" <<JSON
   }
 }
 JSON
+
+# The worker image, before the subscription: each new Batch node pulls it as it starts, and without it the
+# pool's nodes are unusable (and billed) while the first upload's tasks wait. Built in Azure (no local Docker)
+# when the registry lacks it; POSTDEPLOY_BUILD_IMAGE=always builds it again (after changing gpu_worker/).
+image=${BATCH_WORKER_IMAGE#*/}
+if [ "${POSTDEPLOY_BUILD_IMAGE:-missing}" = always ] || ! az acr repository show --subscription "$AZURE_SUBSCRIPTION_ID" \
+        --name "$AZURE_CONTAINER_REGISTRY_NAME" --image "$image" --output none 2>"$work/err"; then
+    echo "postdeploy: building $image in $AZURE_CONTAINER_REGISTRY_NAME with ACR Tasks (the first build takes a while)"
+    az acr build --subscription "$AZURE_SUBSCRIPTION_ID" --registry "$AZURE_CONTAINER_REGISTRY_NAME" \
+        --image "$image" "$infra_dir/../gpu_worker"
+fi
 
 echo "postdeploy: creating Event Grid subscription input-blob-created on $EVENTGRID_SYSTEM_TOPIC_NAME"
 az deployment group create \
