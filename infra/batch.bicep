@@ -20,6 +20,12 @@ param vmSize string = 'Standard_NC4as_T4_v3'
 @maxValue(100)
 param maxNodes int = 4
 
+// The ubuntu-hpc image keeps Docker's data root (/var/lib/docker) on the OS disk, which its HPC stack already
+// fills much of, and the worker image (torch's CUDA wheels) takes several GB there once pulled and unpacked.
+@description('OS disk size of each node in GB: room for the pulled worker image besides the HPC image itself.')
+@minValue(64)
+param osDiskSizeGB int = 128
+
 @description('Pinned version of the microsoft-dsvm/ubuntu-hpc/2404 marketplace image (NVIDIA driver 580.173.02, CUDA 13.0, as the torch of the worker image needs).')
 param imageVersion string = '24.04.2026072901'
 
@@ -73,6 +79,9 @@ resource pool 'Microsoft.Batch/batchAccounts/pools@2024-07-01' = {
           version: imageVersion
         }
         nodeAgentSkuId: 'batch.node.ubuntu 24.04'
+        osDisk: {
+          diskSizeGB: osDiskSizeGB
+        }
         containerConfiguration: {
           type: 'DockerCompatible'
           // Pre-fetched when a node starts, so the first task on it does not wait for the pull.

@@ -644,6 +644,8 @@ def test_batch_gpu_pool():
     # pinned, and a release whose NVIDIA driver (580.173.02) runs the worker image's CUDA 13.0 build of torch
     assert param_default("batch.bicep", image["version"]) == "24.04.2026072901"
     assert vm["nodeAgentSkuId"] == "batch.node.ubuntu 24.04"
+    # Docker's data root is on the OS disk on this image: room for the worker image's several GB
+    assert vm["osDisk"] == {"diskSizeGB": "osDiskSizeGB"} and param_default("batch.bicep", "osDiskSizeGB") >= 128
     containers = vm["containerConfiguration"]
     assert containers["type"] == "DockerCompatible"
     assert containers["containerImageNames"] == ["workerImage"]
