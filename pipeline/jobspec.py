@@ -18,7 +18,10 @@ from gpu_worker.style_spec import parse_flag, parse_strength, parse_style
 from pipeline.settings import Settings
 
 MAX_BLOB_NAME = 512
-_VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".flv", ".wmv", ".mpg", ".mpeg")
+# Names the service takes as videos (the worker then probes the file itself): the usual camera, phone, editing and
+# distribution containers that its demuxers read (gpu_worker.media.ALLOWED_FORMATS).
+_VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".asf",
+                   ".mpg", ".mpeg", ".vob", ".3gp", ".3g2", ".mxf", ".ogv")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,10 @@ def job_status(
         status["segments"] = {"done": done, "total": prepared["segments"],
                               "running": (poll or {}).get("running", 0)}
         frames_done = (poll or {}).get("frames_done", 0)
-        status["frames"] = {"done": frames_done, "total": prepared.get("frames_total")}
+        # the total is an estimate from the container's duration and frame rate (a Matroska file's duration counts
+        # its audio too); once the job has completed, what it counted is the total
+        total = frames_done if stage == "completed" else prepared.get("frames_total")
+        status["frames"] = {"done": frames_done, "total": total}
         if started and now and frames_done:
             elapsed = (now - dt.datetime.fromisoformat(started)).total_seconds()
             if elapsed > 0:

@@ -87,6 +87,8 @@ def test_bad_job_options_name_the_field(options: dict, field: str, message: str)
 def test_input_must_look_like_a_video() -> None:
     with pytest.raises(InputError, match="does not look like a video"):
         job_spec("j1", "input", "notes.txt", {}, SETTINGS)
+    for name in ("phone.3gp", "camera.M2TS", "edit.mxf", "clip.ogv"):  # refused before, though the worker reads them
+        assert job_spec("j1", "input", name, {}, SETTINGS).input_name == name
 
 
 def test_failure_reasons_from_activity_errors() -> None:
@@ -106,6 +108,9 @@ def test_status_reports_fps_and_eta() -> None:
     assert status["segments"] == {"done": 1, "total": 4, "running": 1}
     assert (status["fps"], status["eta_seconds"]) == (10.0, 30)
     assert len(json.dumps(status)) < 1024
+    # the planned total was an estimate (an MKV's duration counts its audio): a completed job shows what it counted
+    done = job_status("completed", job, {"segments": 4, "frames_total": 400}, {"succeeded": 4, "frames_done": 300})
+    assert done["frames"] == {"done": 300, "total": 300}
 
 
 def exercise_storage(storage, tmp_path: Path) -> None:
