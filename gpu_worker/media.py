@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 import time
 import uuid
@@ -215,7 +216,7 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
             duration = container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
         sar = sample_aspect(stream)
-        rotation = first.rotation % 360
+        rotation = orientation(first)[0] * 90
         dw, dh = display_size(first.width, first.height, sar, rotation)
         audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
         return VideoInfo(
@@ -248,6 +249,23 @@ def sample_aspect(stream: av.VideoStream) -> Fraction:
     """The stream's sample (pixel) aspect ratio; 1 when it is unset or invalid."""
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def orientation(frame: av.VideoFrame) -> tuple[int, bool]:
+    """(quarter turns, mirrored): what shows a decoded frame as players do: turn it by the display matrix's
+    rotation, in quarter turns as PyAV counts them (``frame.rotation``), then, where the matrix mirrors (a negative
+    determinant), mirror it left to right, as ffmpeg's autorotate does. PyAV's rotation alone reads a mirror as a
+    half turn, which turned mirrored videos upside down."""
+    matrix = next((struct.unpack("9i", bytes(data)) for data in frame.side_data
+                   if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
+    if matrix is None:
+        return (frame.rotation % 360) // 90, False
+    a, b, _, c, d = matrix[:5]
+    mirrored = a * d - b * c < 0
+    if mirrored:  # the rotation that the mirror follows
+        a, c = -a, -c
+    degrees = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))  # as av_display_rotation_get
+    return round(degrees / 90) % 4, mirrored
 
 
 def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:

@@ -143,7 +143,7 @@ def _run_single(
         to_sdr = colour_tags.SdrConverter() if colour_tags.is_hdr(probe_frame) else None
         matrix = "itu709" if to_sdr else media.rgb_matrix(probe_frame)
         tags = colour_tags.SDR_BT709 if to_sdr else colour_tags.output_tags(probe_frame, matrix)
-        turns = (probe_frame.rotation % 360) // 90
+        turns, mirrored = media.orientation(probe_frame)
         out_h, out_w = (width, height) if turns % 2 else (height, width)
         batch = max(1, scorer.batch_size(out_h, out_w))
         frames_in: queue.Queue = queue.Queue(maxsize=2 * batch + 2)
@@ -157,7 +157,7 @@ def _run_single(
         pts_seen: list[int] = []
         decoded_at: dict[int, float] = {}  # pts → when the frame left the decoder
         latencies: list[float] = []
-        to_device = _Uploader(scorer.torch_device, matrix, turns, writer)
+        to_device = _Uploader(scorer.torch_device, matrix, turns, writer, mirrored)
         first_pts = media.range_pts(start, end, stream.time_base)[0]  # earlier frames only warm a stage up
         blender = None
         if temporal > 0:
@@ -360,8 +360,9 @@ class _Uploader:
     RGB) and are converted there, sparing the node's CPUs, which decode and encode.
     """
 
-    def __init__(self, device: torch.device, matrix: str, turns: int, writer: media.SegmentWriter) -> None:
-        self.device, self.matrix, self.turns, self.writer = device, matrix, turns, writer
+    def __init__(self, device: torch.device, matrix: str, turns: int, writer: media.SegmentWriter,
+                 mirrored: bool = False) -> None:
+        self.device, self.matrix, self.turns, self.writer, self.mirrored = device, matrix, turns, writer, mirrored
         self.pin = device.type == "cuda"
         self.colour_on_device = device.type != "cpu"
         if not self.colour_on_device:
@@ -375,7 +376,8 @@ class _Uploader:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         rgb = colour.to_bytes(colour.yuv420_to_rgb(batch, self.matrix, full_range)) if layout == "yuv420p" else batch
-        return torch.rot90(rgb, self.turns, dims=(1, 2)) if self.turns else rgb
+        rgb = torch.rot90(rgb, self.turns, dims=(1, 2)) if self.turns else rgb
+        return torch.flip(rgb, dims=(2,)) if self.mirrored else rgb
 
     def to_frames(self, rgb: torch.Tensor) -> list:
         """Each scored frame ready for the encoder: an I420 VideoFrame (swscale) or I420 planes (device)."""

@@ -43,12 +43,19 @@ HARD_CASES: dict[str, tuple[list[str], str]] = {
 }
 
 
+# display matrices added to the `bframes` clip by stream copy: a quarter turn, mirrors, and both
+DISPLAY_CASES = {"rotated": ["-display_rotation", "90"], "mirrored": ["-display_hflip"],
+                 "upside_down_mirror": ["-display_vflip"],
+                 "rotated_mirrored": ["-display_rotation", "90", "-display_hflip"],
+                 "rotated_back_mirrored": ["-display_rotation", "-90", "-display_hflip"]}
+
+
 def make_clip(tmp: Path, case: str, seconds: float = 3.0, size: str = "128x96", rate: int = 25) -> Path:
-    """Render a hard case; `rotated` takes the `bframes` clip and adds a 90° display matrix."""
-    if case == "rotated":
+    """Render a hard case; the DISPLAY_CASES take the `bframes` clip and add a display matrix."""
+    if case in DISPLAY_CASES:
         plain = make_clip(tmp, "bframes", seconds, size, rate)
-        out = tmp / "rotated.mp4"
-        _ffmpeg(["-display_rotation", "90", "-i", str(plain), "-c", "copy", str(out)])
+        out = tmp / f"{case}.mp4"
+        _ffmpeg([*DISPLAY_CASES[case], "-i", str(plain), "-c", "copy", str(out)])
         return out
     args, suffix = HARD_CASES[case]
     out = tmp / f"{case}{suffix}"

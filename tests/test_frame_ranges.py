@@ -218,12 +218,13 @@ def test_a_continued_segment_holds_exactly_the_frames_written(preset: str, tmp_p
     assert complaints == ""
 
 
-@pytest.mark.parametrize("case", ["bframes", "rotated", "yuv444_10bit"])
+@pytest.mark.parametrize("case", ["bframes", "rotated", "mirrored", "upside_down_mirror", "rotated_mirrored",
+                                  "rotated_back_mirrored", "yuv444_10bit"])
 def test_pixels_survive_the_round_trip(case: str, tmp_path: Path) -> None:
     """Decode, colour conversion on the device, rotation and encode keep the picture: with the identity
     scorer the output is as close to the source (as ffmpeg itself shows it) as ffmpeg's own transcode at the
     same quality. A swapped chroma plane, a wrong matrix or a rotation the wrong way round would each be
-    off by tens of levels."""
+    off by tens of levels; so would a mirror shown as a half turn (as PyAV's rotation reads it) or lost."""
     source = make_clip(tmp_path, case, seconds=1, size="160x96")
     out = tmp_path / "out.mp4"
     run_range(str(source), out, IdentityScorer())
