@@ -15,6 +15,10 @@ resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
   name: systemTopicName
   location: location
   tags: tags
+  // Its own identity writes the events it could not deliver to the logs container (eventgrid.bicep, roles.bicep).
+  identity: {
+    type: 'SystemAssigned'
+  }
   properties: {
     source: dataAccount.id
     topicType: 'Microsoft.Storage.StorageAccounts'
@@ -22,3 +26,4 @@ resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' = {
 }
 
 output systemTopicName string = systemTopic.name
+output systemTopicPrincipalId string = systemTopic.identity.principalId

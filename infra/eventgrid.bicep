@@ -19,6 +19,9 @@ param blobsExtensionKey string
 
 param subscriptionName string = 'input-blob-created'
 
+@description('Container of the data account where uploads Event Grid could not deliver go (its blob-created events).')
+param deadLetterContainerName string = 'logs'
+
 resource systemTopic 'Microsoft.EventGrid/systemTopics@2022-06-15' existing = {
   name: systemTopicName
 }
@@ -45,6 +48,20 @@ resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-
     retryPolicy: {
       maxDeliveryAttempts: 30
       eventTimeToLiveInMinutes: 1440
+    }
+    // After a day of failed deliveries (the app down or misconfigured) an upload's event is kept rather than
+    // dropped: written by the topic's own identity to the data account, where it names the blob to start again.
+    deadLetterWithResourceIdentity: {
+      identity: {
+        type: 'SystemAssigned'
+      }
+      deadLetterDestination: {
+        endpointType: 'StorageBlob'
+        properties: {
+          resourceId: systemTopic.properties.source
+          blobContainerName: deadLetterContainerName
+        }
+      }
     }
   }
 }

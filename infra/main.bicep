@@ -199,6 +199,7 @@ module roles 'roles.bicep' = {
   params: {
     appPrincipalId: identity.outputs.appIdentityPrincipalId
     poolPrincipalId: identity.outputs.poolIdentityPrincipalId
+    eventGridPrincipalId: eventgridTopic.outputs.systemTopicPrincipalId
     userPrincipalId: principalId
     userPrincipalType: principalType
     dataAccountName: storage.outputs.dataAccountName

@@ -13,6 +13,8 @@
 //   work, logs            Storage Blob Data Contributor   (segments and the stitched video go to work;
 //                                                        the app publishes outputs, so the pool cannot overwrite them)
 //   registry              AcrPull
+// Event Grid system topic on the data account (eventGrid), container scope:
+//   logs                  Storage Blob Data Contributor   the upload events it could not deliver (dead letters)
 // The person running `azd up` (optional, principalId from azd):
 //   input, styles         Storage Blob Data Contributor   upload videos and style images
 //   output                Storage Blob Data Reader        download results
@@ -21,6 +23,7 @@
 
 param appPrincipalId string
 param poolPrincipalId string
+param eventGridPrincipalId string
 @description('Object id of the user (or CI principal) running azd; empty to grant nothing.')
 param userPrincipalId string = ''
 @allowed([
@@ -206,6 +209,16 @@ resource poolLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
     principalId: poolPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource eventGridDeadLetters 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(logsContainer.id, eventGridPrincipalId, roleIds.storageBlobDataContributor)
+  scope: logsContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataContributor)
+    principalId: eventGridPrincipalId
     principalType: 'ServicePrincipal'
   }
 }

@@ -538,7 +538,7 @@ def _role_assignments() -> dict[str, set[tuple[str, str]]]:
         name_fn = config["name"]["function"]
         assert name_fn["type"] == "guid", sym
         grants.setdefault(principal, set()).add((role_id, scope_key))
-        if principal in ("appPrincipalId", "poolPrincipalId"):
+        if principal in ("appPrincipalId", "poolPrincipalId", "eventGridPrincipalId"):
             assert props["principalType"] == "ServicePrincipal", sym
     return grants
 
@@ -564,6 +564,8 @@ def test_each_identity_has_exactly_its_roles():
             (ROLE["blob_contributor"], f"{CONTAINER}:logs"),  # no output: the app publishes results
             (ROLE["acr_pull"], "Microsoft.ContainerRegistry/registries:registryName"),
         },
+        # the Event Grid system topic writes the upload events it could not deliver there (dead letters)
+        "eventGridPrincipalId": {(ROLE["blob_contributor"], f"{CONTAINER}:logs")},
         # optional: the person running azd, to upload videos/styles, read results, and list/delete Batch
         # jobs by hand (jobs are data-plane objects: Owner or Contributor on the account do not reach them)
         "userPrincipalId": {
@@ -586,6 +588,7 @@ def test_each_identity_has_exactly_its_roles():
     params = tree("main.bicep")["modules"]["roles"]["config"]["params"]
     assert accessor_chain(params["appPrincipalId"]) == ["identity", "outputs", "appIdentityPrincipalId"]
     assert accessor_chain(params["poolPrincipalId"]) == ["identity", "outputs", "poolIdentityPrincipalId"]
+    assert accessor_chain(params["eventGridPrincipalId"]) == ["eventgridTopic", "outputs", "systemTopicPrincipalId"]
     assert params["userPrincipalId"] == "principalId"
     # every grant to the deploying user is optional: nothing is assigned when azd does not know who runs it
     for sym, res in resources("roles.bicep", "Microsoft.Authorization/roleAssignments").items():
@@ -609,10 +612,18 @@ def test_event_grid_subscription_sends_input_blob_created_to_the_blob_trigger():
     assert url.startswith(webhook)
     assert url[len(webhook) :] == "${uriComponent(blobsExtensionKey)}"
     assert param_default("eventgrid.bicep", "functionName") == "on_video_uploaded"
+    # an event not delivered within its day is kept, in the logs container, written by the topic's own identity
+    dead = props["deadLetterWithResourceIdentity"]
+    assert dead["identity"] == {"type": "SystemAssigned"}
+    destination = dead["deadLetterDestination"]
+    assert destination["endpointType"] == "StorageBlob"
+    assert accessor_chain(destination["properties"]["resourceId"]) == ["systemTopic", "properties", "source"]
+    assert param_default("eventgrid.bicep", destination["properties"]["blobContainerName"]) == "logs"
     decorators = {d["type"] for d in tree("eventgrid.bicep")["parameters"]["blobsExtensionKey"]["decorators"]}
     assert "secure" in decorators
 
     topic = one("eventgrid-topic.bicep", "Microsoft.EventGrid/systemTopics")
+    assert topic["identity"] == {"type": "SystemAssigned"}
     assert topic["properties"]["topicType"] == "Microsoft.Storage.StorageAccounts"
     assert accessor_chain(topic["properties"]["source"]) == ["dataAccount", "id"]
     params = tree("main.bicep")["modules"]["eventgridTopic"]["config"]["params"]
