@@ -141,6 +141,9 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
         if not Path(style).is_file():
             from gpu_worker.errors import InputError
 
+            if "://" in style:  # the worker reads URLs, but here the image is linked into the local styles folder
+                raise InputError(f"style image {style}: stylize run takes an image file on this machine; download it "
+                                 "first")
             raise InputError(f"style image not found: {style}")
         _link(Path(style), work / settings.styles_container / Path(style).name)
         style = Path(style).name

@@ -95,6 +95,8 @@ def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
         (lambda d: _write(d / "playlist.mp4", "#EXTM3U\n#EXTINF:1,\n/etc/passwd\n"), [], "is not a video file"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "40"], "style 40 does not exist"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "nope.png"], "style image not found"),
+        (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "https://example.com/starry.jpg"],
+         "stylize run takes an image file on this machine"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--temporal", "2"],
          "temporal must be between 0 (off) and 0.95, got 2"),
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--segment-seconds", "0"],
@@ -102,8 +104,8 @@ def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--workers", "0"],
          "--workers must be 1 to 64, got 0"),
     ],
-    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "bad-temporal", "segment-seconds-0",
-         "workers-0"],
+    ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "style-url", "bad-temporal",
+         "segment-seconds-0", "workers-0"],
 )
 def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
     source = make(tmp_path)
