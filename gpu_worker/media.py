@@ -212,8 +212,9 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
         duration = None
         if stream.duration:
             duration = float(stream.duration * tb)
-        elif container.duration:
-            duration = container.duration / av.time_base
+        elif container.duration:  # Matroska and others: the container's, which counts every track
+            end = _video_end(container, stream)
+            duration = float((end - start) * tb) if end is not None else container.duration / av.time_base
         rate = stream.average_rate or stream.guessed_rate
         sar = sample_aspect(stream)
         rotation = orientation(first)[0] * 90
@@ -227,6 +228,29 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
             codec=stream.codec_context.name, pixel_format=first.format.name, audio_codec=audio,
             audio_tracks=len(container.streams.audio), subtitle_tracks=len(container.streams.subtitles),
         )
+
+
+VIDEO_END_WINDOW_SECONDS = 10
+
+
+def _video_end(container: Source, stream: av.VideoStream) -> int | None:
+    """Where the video's last packet ends (pts, in the stream's time base), read from the packets of the
+    container's last seconds (one seek, one short read); None where that finds no video (its video stops
+    more than the window before the rest, or the container cannot seek). A container's duration counts its
+    audio too: planned by it, a video whose audio runs on got ranges past its last frame and a frame count
+    for the progress that it never reached."""
+    window = VIDEO_END_WINDOW_SECONDS * av.time_base
+    target = (container.start_time or 0) + container.duration - window
+    end = None
+    try:
+        with container.reading():
+            container.seek(max(0, target), backward=True, any_frame=False)  # in AV_TIME_BASE units
+        for packet in container.read(container.demux(stream)):
+            if packet.pts is not None:
+                end = max(end or packet.pts, packet.pts + (packet.duration or 0))
+    except av.error.FFmpegError:
+        return None
+    return end
 
 
 def first_frame(container: Source, stream: av.VideoStream, name: str) -> av.VideoFrame:

@@ -257,3 +257,18 @@ def test_on_the_cpu_the_codec_threads_give_way_to_the_network(tmp_path: Path) ->
     assert seen.pop("scoring") == 0  # the thread that runs the network keeps its priority
     assert {"decoder", "encoder"} <= seen.keys() and any(name.startswith("ffmpeg") for name in seen)
     assert all(value >= CODEC_NICE for value in seen.values()), seen
+
+
+@pytest.mark.parametrize(("suffix", "codecs"), [(".mkv", ["libx264", "aac"]), (".webm", ["libvpx-vp9", "libopus"]),
+                                                (".ts", ["libx264", "aac"])])
+def test_probe_measures_the_video_not_the_audio_after_it(suffix: str, codecs: list[str], tmp_path: Path) -> None:
+    """These containers give no duration for the video stream alone, and theirs counts the audio: 3 s of video
+    with 6 s of audio probed as 6 s, so the plan put ranges past the last frame and the progress counted 150
+    frames for 75. The video's end is now read from its last packets."""
+    source = tmp_path / f"tail{suffix}"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=128x72:r=25:d=3", "-f", "lavfi", "-i",
+                    "sine=r=48000:d=6", "-c:v", codecs[0], "-deadline", "realtime", "-c:a", codecs[1], str(source)],
+                   check=True)
+    info = media.probe(str(source))
+    times = frame_times(source)
+    assert abs(info.duration_seconds - float(times[-1] - times[0] + Fraction(1, 25))) < 0.05, info
