@@ -92,7 +92,7 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     job_id = instance_id(container, job.input_name, f"{info.etag}/{options_key}")
     job = JobSpec.from_dict({**job.to_dict(), "job_id": job_id})
     if not await _exists(starter, job_id, restartable=True):
-        writer = await _writing(starter, job.output_name)
+        writer = await _writing(starter, job.output_name, except_stale=(job.input_container, job.input_name, info.etag))
         if writer is not None:  # two jobs racing for one path: the later would silently replace the earlier
             return _error(409, f"job {writer} is already writing {svc.settings.output_container}/{job.output_name}; "
                                "wait for it to finish or give this job another \"output\" name", "output")
@@ -176,14 +176,21 @@ async def _exists(starter: df.DurableOrchestrationClient, job_id: str, restartab
 
 
 async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
-                   except_input: tuple[str, str] | None = None) -> str | None:
-    """The id of an unfinished job that will write ``output_name`` (from another input than ``except_input``)."""
+                   except_input: tuple[str, str] | None = None,
+                   except_stale: tuple[str, str, str] | None = None) -> str | None:
+    """The id of an unfinished job that will write ``output_name``: not one from ``except_input``, nor one from
+    ``except_stale``'s input (container, name) that planned its work on another version than ``except_stale``'s
+    ETag — the input has been replaced under it, so it will publish nothing (pipeline.jobs.finalize)."""
     running = [df.OrchestrationRuntimeStatus[name] for name in sorted(ACTIVE)]
     for status in await starter.get_status_by(runtime_status=running):
         job = _job_of(status)
-        if job is not None and job.output_name == output_name and \
-                (job.input_container, job.input_name) != except_input:
-            return status.instance_id
+        if job is None or job.output_name != output_name or (job.input_container, job.input_name) == except_input:
+            continue
+        if except_stale is not None and (job.input_container, job.input_name) == except_stale[:2]:
+            planned = await asyncio.to_thread(jobs.planned_input_etag, job, services())
+            if planned is not None and planned != except_stale[2]:
+                continue
+        return status.instance_id
     return None
 
 

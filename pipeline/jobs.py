@@ -266,6 +266,16 @@ def cleanup(job: JobSpec, svc: Services, reason: str = "ended") -> int:
     return removed
 
 
+def planned_input_etag(job: JobSpec, svc: Services) -> str | None:
+    """The input's ETag when the run planned its work (None before that): a run whose input has changed since
+    will publish nothing (finalize)."""
+    name = work_name(job.run_id, "plan.json")
+    if svc.storage.info(svc.settings.work_container, name) is None:
+        return None
+    plan = svc.storage.read_json(svc.settings.work_container, name)
+    return plan.get("input_etag") if isinstance(plan, dict) else None
+
+
 def end_record(job: JobSpec, svc: Services) -> dict | None:
     """How the run ended ({"reason", "at", "cleanup"}), or None while it has not."""
     name = end_record_name(job.run_id)

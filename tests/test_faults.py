@@ -13,6 +13,7 @@ an activity fails on every attempt             → Failed with the storage's rea
 bad input                                      → Failed at once, not retried
 the same upload event delivered twice          → one run  (test_blob_pipeline)
 a new upload of the same name while a job runs → older job publishes nothing; newer output only
+a new upload, then the API job posted again     → the new run goes ahead; the older publishes nothing (local only)
 two API jobs for one output path               → the second is refused (409) until the first ends
 two uploads whose names give one output path   → the second fails at once, naming the first
 cancel while segments are scored               → Terminated; nothing running; no work, no output
@@ -187,6 +188,24 @@ def test_new_upload_of_the_same_name_while_a_job_runs(azurite: str, tmp_path: Pa
         assert stack.names("output") == ["clips/trip.json", "clips/trip.mp4"]
         assert_output_is(stack, second_clip, tmp_path, "clips/trip.mp4")
         assert stack.svc.storage.read_json(stack.settings.output_container, "clips/trip.json")["job_id"] == second
+
+
+def test_an_api_job_on_a_newer_upload_of_the_input_goes_ahead(local_stack: Stack, tmp_path: Path) -> None:
+    """The input is uploaded again while its job runs, and the job posted again: the running job will publish
+    nothing (its input changed), so the new one starts instead of a 409 that told the user to wait for a job
+    that ends publishing nothing. The output is the newer upload's."""
+    stack = local_stack
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first_clip = make_clip_with_audio(tmp_path / "a", "aac", ".mp4", seconds=1.6)
+    second_clip = make_clip_with_audio(tmp_path / "b", "aac", ".mp4", seconds=1.2)
+    first = stack.start(stack.put(first_clip), style="3")
+    wait_until(lambda: stack.running(), what="the first job's tasks")  # planned: its plan holds the input's ETag
+    second = stack.start(stack.put(second_clip), style="3")  # same body, newer input: 202, not 409
+    assert second != first
+    assert stack.wait(first)["customStatus"]["error"]["message"].endswith("was replaced by a newer upload while "
+                                                                          "this job ran; nothing was published")
+    assert stack.wait(second)["runtimeStatus"] == "Completed"
+    assert frame_times(stack.download("output", "clip.mp4", tmp_path / "out.mp4")) == frame_times(second_clip)
 
 
 def test_second_api_job_for_one_output_waits_its_turn(local_stack: Stack, clip: Path, tmp_path: Path) -> None:
