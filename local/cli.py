@@ -32,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("video", type=Path)
     r.add_argument("-s", "--style", required=True, help="0-25, a blend like 3:0.5,12:0.5, or a painting's image file")
     r.add_argument("-o", "--output", type=Path, required=True, help="output .mp4 (written only when complete)")
-    r.add_argument("--strength", type=float, default=1.0, help="0 (original) to 1 (fully stylized)")
+    r.add_argument("--strength", type=float, default=None,
+                   help="0 (original) to 1 (fully stylized); default DEFAULT_STRENGTH, else 1")
     r.add_argument("--preserve-color", action="store_true", help="keep the video's own colours")
     r.add_argument("--temporal", default=None,
                    help="0 (off) to 0.95: how much each frame is steadied by the previous one (default 0.9)")
-    r.add_argument("--max-size", type=int, default=0, help="longer side in pixels (default: full resolution)")
+    r.add_argument("--max-size", type=int, default=None,
+                   help="longer side in pixels (default DEFAULT_MAX_SIZE, else the full resolution)")
     r.add_argument("--segment-seconds", type=float, default=None, help="seconds of video per worker task")
     r.add_argument("--workers", type=int, default=1, help="worker processes at a time (default 1)")
     r.add_argument("--work-dir", type=Path, default=None, help="where work files go (default: a temp folder)")
@@ -147,8 +149,10 @@ def _run_job(args: argparse.Namespace, work: Path) -> int:
             raise InputError(f"style image not found: {style}")
         _link(Path(style), work / settings.styles_container / Path(style).name)
         style = Path(style).name
-    body = {"input": args.video.name, "style": style, "strength": args.strength,
-            "preserve_color": args.preserve_color, "max_size": args.max_size}
+    body = {"input": args.video.name, "style": style, "preserve_color": args.preserve_color}
+    for field in ("strength", "max_size"):  # unset: the settings' defaults apply, as for the API and uploads
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
     if args.temporal is not None:
         body["temporal"] = args.temporal
     if args.segment_seconds is not None:

@@ -227,6 +227,18 @@ def _command_line(process) -> str:
         return ""
 
 
+def test_run_takes_the_settings_defaults_for_what_it_is_not_told(tmp_path: Path) -> None:
+    """DEFAULT_MAX_SIZE and DEFAULT_STRENGTH apply to stylize run as to the API (it always sent 0 and 1)."""
+    source = make_clip(tmp_path, "bframes", seconds=0.4, size="128x96")
+    out = tmp_path / "out.mp4"
+    result = subprocess.run([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out),
+                             "--temporal", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**_env(), "DEFAULT_MAX_SIZE": "64"})
+    assert result.returncode == 0, result.stderr
+    info = video_stream_info(out)
+    assert (info["width"], info["height"]) == (64, 48)
+
+
 def test_run_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
     source = sample_clip("carphone_pristine.mp4")
     result = subprocess.run([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o",
