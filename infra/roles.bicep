@@ -18,6 +18,7 @@
 // The person running `azd up` (optional, principalId from azd):
 //   input, styles         Storage Blob Data Contributor   upload videos and style images
 //   output                Storage Blob Data Reader        download results
+//   logs                  Storage Blob Data Reader        read the GPU tasks' stdout/stderr and runs' end records
 //   Batch account         Azure Batch Job Submitter       list and delete jobs by hand (docs/batch.md); jobs are
 //                                                        data-plane objects, which Owner/Contributor do not cover
 
@@ -258,6 +259,16 @@ resource userStyles 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!
 resource userOutput 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
   name: guid(outputContainer.id, userPrincipalId, roleIds.storageBlobDataReader)
   scope: outputContainer
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
+    principalId: userPrincipalId
+    principalType: userPrincipalType
+  }
+}
+
+resource userLogs 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
+  name: guid(logsContainer.id, userPrincipalId, roleIds.storageBlobDataReader)
+  scope: logsContainer
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageBlobDataReader)
     principalId: userPrincipalId

@@ -572,6 +572,7 @@ def test_each_identity_has_exactly_its_roles():
             (ROLE["blob_contributor"], f"{CONTAINER}:input"),
             (ROLE["blob_contributor"], f"{CONTAINER}:styles"),
             (ROLE["blob_reader"], f"{CONTAINER}:output"),
+            (ROLE["blob_reader"], f"{CONTAINER}:logs"),  # the task logs docs/batch.md sends them to
             (ROLE["batch_job_submitter"], "Microsoft.Batch/batchAccounts:batchAccountName"),
         },
     }
