@@ -31,7 +31,7 @@ from gpu_worker import weights
 from gpu_worker.networks import MIN_SIDE, SIZE_MULTIPLE, FrameStylizer
 
 # Bump when the export or the wrapper changes, so old artifacts are not reused.
-FORMAT_VERSION = 3  # 3: the thin convolutions rewritten wide (gpu_worker.wide_convs)
+FORMAT_VERSION = 4  # 3: the thin convolutions rewritten wide (gpu_worker.wide_convs); 4: flat planes in the norms
 TRANSFORMERS = ("multistyle26", "arbitrary_transform")
 CONDITION_SIZE = {"multistyle26": 26, "arbitrary_transform": 100}
 # Exported for sides of MIN_SIDE (8) to 8192 pixels in multiples of 4 (frames are padded up to one); larger

@@ -36,6 +36,12 @@ SIZE_MULTIPLE = 4
 # convolutions alone need 5). The scorer grows smaller frames to it and crops the result back.
 MIN_SIDE = 8
 NORM_EPS = 1e-5
+# A plane whose spread is at most this fraction of its mean is flat: what spread it has is the convolutions'
+# rounding (fp16 on a GPU rounds ~100x coarser than fp32), not a picture. Each norm multiplies a spread under
+# NORM_EPS by up to 1/sqrt(NORM_EPS), so three of them made the rounding of a flat frame (a fade to black, a
+# title card's background) into a full-contrast texture, the same one whatever its colour; the reference runtime,
+# whose convolutions round alike everywhere, gives a flat frame.
+FLAT_SPREAD = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def instance_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -46,10 +52,13 @@ def instance_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps
     folded into one multiply-add, ``x * a + b``, so only tiny [N, C, 1, 1]
     tensors are float32 and the full-size op keeps ``x``'s dtype and memory
     format. (``nn.InstanceNorm2d`` would turn channels_last tensors back into
-    contiguous ones, pytorch issue 72341.)
+    contiguous ones, pytorch issue 72341.) A plane flat to within rounding
+    (``FLAT_SPREAD``) comes out as ``shift`` exactly.
     """
     var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0, keepdim=True)
-    a = scale.float()[:, :, None, None] * torch.rsqrt(var + eps)
+    spread = FLAT_SPREAD.get(x.dtype, 1e-4)
+    flat = var <= torch.square(spread * mean) + 1e-20  # rounding, not signal: normalised to nothing (see FLAT_SPREAD)
+    a = scale.float()[:, :, None, None] * torch.rsqrt(var + eps) * (~flat)
     b = shift.float()[:, :, None, None] - mean * a
     return x * a.to(x.dtype) + b.to(x.dtype)
 

@@ -150,6 +150,35 @@ def test_wide_conv_equals_the_direct_convolution(upsample, kernel, cin, cout, si
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("name", ["multistyle26", "arbitrary_transform"])
+def test_a_flat_frame_comes_out_flat(nets, style_vectors, name):
+    """A flat frame (a fade to black, a title card) is flat through every layer in exact arithmetic, so its
+    output is one colour. The convolutions' rounding differs from pixel to pixel, and each norm scales a spread
+    under its eps by up to 316: the output was a full-contrast texture (std 69 levels on style 7), the same for
+    black and grey. The reference runtime's output is flat too."""
+    net = nets[name]
+    condition = torch.from_numpy(_styles()["style0"]) if name == "multistyle26" else style_vectors[0]
+    outs = []
+    for value in (0.0, 0.4):
+        x = torch.full((1, 3, 96, 128), value).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            outs.append(net(x, condition))
+        assert outs[-1].std(dim=(2, 3)).max() == 0, outs[-1].std(dim=(2, 3))
+    # the exact output of a flat frame does not depend on its colour: the first norm takes the colour away
+    assert torch.allclose(outs[0], outs[1])
+
+
+def test_instance_norm_leaves_rounding_alone_and_normalises_a_picture():
+    x = torch.full((1, 2, 32, 32), 0.3)
+    x[0, 0] += torch.randn(32, 32) * 1e-7  # rounding-level spread: flat
+    x[0, 1] += torch.randn(32, 32) * 1e-2  # a faint picture, far above eps: normalised as ever
+    y = networks.instance_norm(x, torch.ones(1, 2), torch.full((1, 2), 0.5))
+    assert (y[0, 0] == 0.5).all()
+    plane = x[0, 1].double()
+    want = (plane - plane.mean()) / torch.sqrt(plane.var(correction=0) + networks.NORM_EPS) + 0.5
+    assert (y[0, 1].double() - want).abs().max() < 1e-5
+
+
 def test_instance_norm_float16_statistics_do_not_overflow():
     # 400^2 > 65504 (float16 max): variance computed in float16 would be inf.
     x = (torch.randn(1, 4, 32, 32) * 400).half().contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import pytest
 import torch
 
@@ -153,6 +154,21 @@ def test_max_size_keeps_the_display_aspect(case: str, size: str, max_size: int, 
     info = video_stream_info(out)
     assert max(info["width"], info["height"]) <= max_size
     assert abs(display_aspect(info) / display_aspect(video_stream_info(source)) - 1) < 0.002
+
+
+def test_a_black_video_comes_out_one_colour(tmp_path: Path) -> None:
+    """Through the task command and its compiled network: a black frame was a full-contrast texture (rounding
+    amplified by the norms, networks.FLAT_SPREAD)."""
+    source = tmp_path / "black.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=160x96:r=25:d=0.2", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", str(source)], check=True)
+    out = tmp_path / "o.mp4"
+    result = worker("stylize", str(source), str(out), "-s", "7", "--temporal", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["network"].startswith("compiled")
+    with av.open(str(out)) as container:
+        picture = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(float)
+    assert picture.reshape(-1, 3).std(axis=0).max() < 1.5  # x264's rounding of one colour, not a texture
 
 
 def test_an_output_in_a_missing_folder_is_refused_first(clip: Path, tmp_path: Path) -> None:
