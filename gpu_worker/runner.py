@@ -225,7 +225,8 @@ def _run_single(
                     if item is _DONE or item is None:
                         finished = True
                         break
-                    if pending and item[1] != pending[0][1]:  # a batch holds one pixel layout
+                    if pending and (item[1], item[3]) != (pending[0][1], pending[0][3]):
+                        # a batch holds one pixel layout and one range: on a GPU it is converted as one
                         _score_batch(pending, to_device, scorer, after, scored, stop, timing, errors)
                         pending = []
                     pending.append(item)

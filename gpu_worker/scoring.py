@@ -36,9 +36,28 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise InputError("device cuda was asked for but torch finds no CUDA GPU on this machine (none, or its "
                          "NVIDIA driver is missing or too old); use --device cpu", field="device")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise InputError(f"unknown device {device!r}: use auto, cpu or cuda", field="device") from None
+    if resolved.type == "cuda":
+        _check_gpu(resolved)
+    return resolved
+
+
+def _check_gpu(device: torch.device) -> None:
+    """A GPU that is there and that this torch build has kernels for: otherwise the task would fail later
+    with an internal error (retried for nothing), e.g. a V100 node under a torch that dropped its generation."""
+    count = torch.cuda.device_count()
+    index = device.index or 0
+    if index >= count:
+        raise InputError(f"no GPU {device}: this machine has {count}", field="device")
+    major, minor = torch.cuda.get_device_capability(index)
+    # older than every architecture the build has kernels for (a newer GPU may still run them, or their PTX)
+    built = [int(arch[3:]) for arch in torch.cuda.get_arch_list() if arch.startswith("sm_") and arch[3:].isdigit()]
+    if built and major * 10 + minor < min(built):
+        raise InputError(f"GPU {torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) is older "
+                         f"than this torch build supports (sm_{min(built)} and newer); use a newer GPU size",
+                         field="device")
 
 
 class IdentityScorer:
@@ -142,17 +161,31 @@ class StyleScorer:
 
     @torch.inference_mode()
     def score(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames in, frames out, in pieces of at most ``max_batch``; on running out of device memory the
+        piece is halved, and so is ``max_batch`` for every later call."""
         if self._condition is None:
             self._load()
-        try:
-            return self._score(frames)
-        except torch.cuda.OutOfMemoryError:
-            if len(frames) == 1:
-                raise
-            torch.cuda.empty_cache()
-            self.max_batch = max(1, len(frames) // 2)  # remember: later batches start smaller
-            half = len(frames) // 2
-            return torch.cat([self.score(frames[:half]), self.score(frames[half:])])
+        done: list[torch.Tensor] = []
+        start = 0
+        while start < len(frames):
+            piece = frames[start:start + self.max_batch]
+            try:
+                done.append(self._score(piece))
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory = True  # retried below, once the failed attempt's tensors are gone with the exception
+            else:
+                out_of_memory = False
+                start += len(piece)
+            if out_of_memory:
+                if len(piece) == 1:
+                    height, width = frames.shape[1:3]
+                    raise InputError(f"one {width}x{height} frame does not fit in this GPU's memory; scale the video "
+                                     "down with max_size (--max-size)", field="max_size")
+                self.max_batch = max(1, len(piece) // 2)
+                if isinstance(self._net, CompiledOnDevice):
+                    self._net.shrink(self.max_batch)
+                torch.cuda.empty_cache()
+        return done[0] if len(done) == 1 else torch.cat(done)
 
     def _score(self, frames: torch.Tensor) -> torch.Tensor:
         condition = self._condition
@@ -188,6 +221,11 @@ class CompiledOnDevice:
         self._batch = 0
         self._checked = False
 
+    def shrink(self, batch: int) -> None:
+        """Compile for ``batch`` frames from now on (after running out of memory at the larger size): padding
+        short batches back up to the old size would run out again."""
+        self._batch = batch
+
     def __call__(self, frames: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         if self._compiled is None:
             return self.net(frames, condition)
@@ -205,6 +243,8 @@ class CompiledOnDevice:
                 diff = (y.float() - eager.float()).abs().mean().item() / 255
                 if not diff <= self.TOLERANCE:
                     raise RuntimeError(f"compiled output differs from eager by {diff:.3g} on average")
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the compiler's fault: the scorer halves the batch
         except Exception as exc:  # no compiler in the image, an inductor bug, a mismatch: eager still works
             warnings.warn(f"torch.compile not used ({type(exc).__name__}: {exc}); running eagerly",
                           RuntimeWarning, stacklevel=2)
