@@ -1,7 +1,8 @@
 # Two entry points for a fresh clone: `make demo` runs the main job, `make test` runs the tests.
 # Each installs what it needs into .venv (and node_modules for Azurite) the first time.
 
-PYTHON ?= python3
+# The worker's and the tests' Python (the torch pin is for it); PYTHON=... names another.
+PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

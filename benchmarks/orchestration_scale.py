@@ -30,16 +30,19 @@ from pipeline.storage import LocalStorage
 
 
 class TenthPerPollCompute:
-    """Every task succeeds, a tenth of the submitted ones per poll."""
+    """Every task succeeds, a tenth of the submitted ones per poll, and leaves a stand-in output file."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: LocalStorage) -> None:
+        self.storage = storage
         self.tasks: dict[str, dict[str, TaskState]] = {}
+        self.outputs: dict[str, tuple[str, str]] = {}
 
     def submit(self, job_id: str, tasks: list) -> int:
         known = self.tasks.setdefault(job_id, {})
         new = [t for t in tasks if t.id not in known]
         for task in new:
             known[task.id] = TaskState(task.id, "pending")
+            self.outputs[task.id] = (task.output_container, task.output_name)
         return len(new)
 
     def poll(self, job_id: str) -> dict[str, TaskState]:
@@ -47,6 +50,9 @@ class TenthPerPollCompute:
         pending = [s for s in states.values() if s.state == "pending"]
         for state in pending[: max(1, len(states) // 10)]:
             state.state, state.summary, state.exit_code = "succeeded", {"frames": 750}, 0
+            path = self.storage.path(*self.outputs[state.id])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
         return dict(states)
 
     def cancel(self, job_id: str) -> None:
@@ -55,14 +61,17 @@ class TenthPerPollCompute:
     def delete(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
 
+    def blocker(self) -> str | None:
+        return None
+
 
 def run(segments: int, root: Path) -> dict:
     settings = Settings(storage="local", storage_root=root, poll_seconds=0.01, segment_seconds=30.0,
                         max_segments=10_000, max_duration_seconds=7 * 24 * 3600.0)
     storage = LocalStorage(root)
-    runtime._services = jobs.Services(settings, storage, TenthPerPollCompute())
-    jobs.probe = lambda source: VideoInfo(1920, 1080, 1920, 1080, 0, "1:1", "1/12800", 0.0, segments * 30.0,
-                                          25.0, segments * 750, "h264", "yuv420p", None)
+    runtime._services = jobs.Services(settings, storage, TenthPerPollCompute(storage))
+    jobs.probe = lambda source, headers=None: VideoInfo(1920, 1080, 1920, 1080, 0, "1:1", "1/12800", 0.0,
+                                                        segments * 30.0, 25.0, segments * 750, "h264", "yuv420p", None)
     (root / "input").mkdir(parents=True, exist_ok=True)
     (root / "input" / "long.mp4").write_bytes(b"0")
     job = job_spec(f"scale-{segments}", "input", "long.mp4", {"style": "7"}, settings)
