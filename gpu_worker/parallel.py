@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from gpu_worker.errors import InputError
 from gpu_worker.runner import split_range
+from gpu_worker.scoring import MEMORY_SHARE_ENV
 from gpu_worker.stitch import stitch
 
 
@@ -39,7 +41,8 @@ def run_in_processes(args: argparse.Namespace, count: int, http_headers: Mapping
                 command.append("--preserve-color")
             if args.temporal is not None:
                 command += ["--temporal", str(args.temporal)]
-            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, MEMORY_SHARE_ENV: str(len(parts))}))
         outputs = [proc.communicate() for proc in procs]
         summaries = []
         for proc, (stdout, stderr) in zip(procs, outputs, strict=True):

@@ -27,6 +27,7 @@ STYLE_IMAGE_SIZE = 256  # the style predictor's input side
 # Rough activation bytes per pixel per frame in flight on the GPU (32 fp16 channels, several live tensors,
 # cuDNN workspace); used only to pick a batch size that leaves headroom.
 _GPU_BYTES_PER_PIXEL = 1024
+MEMORY_SHARE_ENV = "GPU_WORKER_MEMORY_SHARE"  # how many processes share the GPU's free memory
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -112,7 +113,9 @@ class StyleScorer:
         if self.torch_device.type != "cuda":
             return 1  # the CPU gains nothing from batching and pays in latency and memory
         free, _ = torch.cuda.mem_get_info(self.torch_device)
-        return int(max(1, min(self.max_batch, free // 2 // (height * width * _GPU_BYTES_PER_PIXEL))))
+        # processes that share the GPU (gpu_worker.parallel) all look at once, before any has loaded its model
+        share = max(1, int(os.environ.get(MEMORY_SHARE_ENV, "1")))
+        return int(max(1, min(self.max_batch, free // 2 // share // (height * width * _GPU_BYTES_PER_PIXEL))))
 
     def peak_device_memory_mb(self) -> float | None:
         if self.torch_device.type != "cuda":

@@ -140,3 +140,17 @@ def test_a_gpu_that_is_not_there_or_too_old_is_bad_input(device: str, capability
         resolve_device(device)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (8, 9))  # an L4: sm_86 runs on it
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_processes_sharing_a_gpu_size_their_batches_to_their_share(monkeypatch) -> None:
+    """gpu_worker.parallel's processes each measured the free memory at once and each planned for half of it."""
+    from gpu_worker.scoring import MEMORY_SHARE_ENV, StyleScorer
+    from gpu_worker.style_spec import parse_style
+
+    scorer = StyleScorer(parse_style("7", "1", False, 0.0), device="cpu")
+    scorer.torch_device = torch.device("cuda")  # sizing only: nothing runs on it
+    scorer.max_batch = 64
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (32 * 2**30, 80 * 2**30))
+    alone = scorer.batch_size(1080, 1920)
+    monkeypatch.setenv(MEMORY_SHARE_ENV, "4")
+    assert scorer.batch_size(1080, 1920) == alone // 4 == 2  # half of 32 GB free over 4 processes, ~2 GB a frame
