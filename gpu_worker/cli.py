@@ -1,6 +1,7 @@
 """`python -m gpu_worker`: the commands a compute task runs.
 
-Exit status: 0 success, 2 bad input (one line on stderr saying what and how to fix it), 1 anything else.
+Exit status: 0 success, 2 bad input (one line on stderr saying what and how to fix it), 3 a node that cannot run
+the task as its backend set it up (no working GPU on a GPU pool: another node may), 1 anything else.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
-from gpu_worker.errors import InputError
+from gpu_worker.errors import InputError, NodeError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_NODE = 0, 1, 2, 3
 # Set by a compute backend that wants a running task's progress (LocalCompute does): the frames written so far.
 PROGRESS_FILE_ENV = "WORKER_PROGRESS_FILE"
 PROGRESS_EVERY_SECONDS = 0.5
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-size", type=int, default=0, help="scale so the longer side is at most this (0: keep)")
     s.add_argument("--start", type=_seconds, default=Fraction(0), help="range start in seconds (inclusive)")
     s.add_argument("--end", type=_seconds, default=None, help="range end in seconds (exclusive); default: end")
-    s.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"),
+    s.add_argument("--device", default=None,
                    help=f"auto, cpu or cuda (default: ${DEVICE_ENV}, else auto: the GPU if there is one)")
     s.add_argument("--preset", default=os.environ.get("WORKER_X264_PRESET", "veryfast"), help="x264 preset")
     s.add_argument("--crf", type=int, default=int(os.environ.get("WORKER_X264_CRF", "18")), help="x264 CRF")
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except NodeError as exc:
+        print(f"node error: {exc}", file=sys.stderr)
+        return EXIT_NODE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERNAL
@@ -201,14 +205,23 @@ def _stylize(args: argparse.Namespace) -> int:
                        *([] if args.temporal is None else [args.temporal]))
     if args.max_size and not 16 <= args.max_size <= 8192:
         raise InputError(f"--max-size must be 0 or 16 to 8192, got {args.max_size}", field="max_size")
-    if args.scorer == "identity":
-        from gpu_worker.scoring import IdentityScorer
+    # A device the backend chose (a GPU pool's WORKER_DEVICE) that this machine lacks is the node's fault, not the
+    # input's: exit 3, retried (another node may do) and reported as a node fault.
+    from_node = args.device is None and bool(os.environ.get(DEVICE_ENV))
+    args.device = args.device or os.environ.get(DEVICE_ENV) or "auto"
+    try:
+        if args.scorer == "identity":
+            from gpu_worker.scoring import IdentityScorer
 
-        scorer = IdentityScorer(device=args.device)  # on a GPU, the device's colour path, as a model's
-    else:
-        from gpu_worker.scoring import StyleScorer
+            scorer = IdentityScorer(device=args.device)  # on a GPU, the device's colour path, as a model's
+        else:
+            from gpu_worker.scoring import StyleScorer
 
-        scorer = StyleScorer(spec, device=args.device, http_headers=headers)
+            scorer = StyleScorer(spec, device=args.device, http_headers=headers)
+    except InputError as exc:
+        if from_node and exc.field == "device":
+            raise NodeError(f"{exc} ({DEVICE_ENV}={args.device}, set by the compute backend)") from None
+        raise
     progress = _progress_reporter(show=not args.json and sys.stderr.isatty(),
                                   file=os.environ.get(PROGRESS_FILE_ENV))
 

@@ -1,4 +1,4 @@
-"""The worker's error types: bad input (exit status 2) versus everything else (exit status 1)."""
+"""The worker's error types: bad input (exit status 2), a node that cannot run the task (3), anything else (1)."""
 
 
 class InputError(ValueError):
@@ -11,3 +11,9 @@ class InputError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class NodeError(RuntimeError):
+    """The machine cannot run the task as its compute backend set it up (a GPU pool's node whose GPU does not
+    work): nothing the uploader can fix, and another node may do; the backend retries it and an operator
+    looks at the node."""

@@ -674,3 +674,17 @@ def test_sdk_failure_logs_are_counted_not_printed(tmp_path: Path) -> None:
     assert after["export_failures"] - before["export_failures"] == 10 and after["sent"] == before["sent"]
     assert not [r for r in records if r.name.startswith("opencensus")], records
     assert any("10 of 10 records were not confirmed sent" in r.getMessage() for r in records), records
+
+
+@pytest.mark.parametrize(("exit_code", "error", "kind"), [
+    (2, "error: clip.mp4 is not a video file", "input"),
+    (3, "node error: device cuda was asked for but torch finds no CUDA GPU on this machine", "node"),
+    (-9, "killed by signal 9", "task"),
+])
+def test_a_failed_task_says_whose_fault_it_was(exit_code: int, error: str, kind: str) -> None:
+    """A GPU node whose driver failed was reported as bad input (kind input), which an operator's alert on
+    internal failures skips and the uploader cannot fix; the worker's node faults (exit 3) are kind node."""
+    from pipeline.telemetry.events import task_finished
+
+    record = task_finished("job-1", "seg00000-a0", "failed", exit_code=exit_code, error=error)[0]
+    assert record.properties["kind"] == kind

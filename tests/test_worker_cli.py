@@ -156,6 +156,18 @@ def test_max_size_keeps_the_display_aspect(case: str, size: str, max_size: int, 
     assert abs(display_aspect(info) / display_aspect(video_stream_info(source)) - 1) < 0.002
 
 
+def test_a_gpu_the_backend_asked_for_and_the_node_lacks_is_a_node_fault(clip: Path, tmp_path: Path) -> None:
+    """WORKER_DEVICE=cuda comes from a GPU pool (BatchCompute): without a working GPU the node is at fault, exit 3,
+    which the orchestrator retries; the same device given on the command line stays bad input (exit 2)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = identity(str(clip), tmp_path / "o.mp4", env={"WORKER_DEVICE": "cuda"})
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("node error: device cuda was asked for but torch finds no CUDA GPU")
+    assert "WORKER_DEVICE=cuda, set by the compute backend" in result.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
 def test_a_black_video_comes_out_one_colour(tmp_path: Path) -> None:
     """Through the task command and its compiled network: a black frame was a full-contrast texture (rounding
     amplified by the norms, networks.FLAT_SPREAD)."""

@@ -151,7 +151,8 @@ def _task_failed(job_id: str, task_id: str, exit_code: int | None, error: str | 
     segment, attempt, stitch = parse_task_id(task_id)
     lines = (error or "").strip().splitlines()
     reason = lines[-1].removeprefix("error: ").strip() if lines else f"exit status {exit_code}"
-    kind = "input" if exit_code == 2 else "canceled" if reason == "canceled" else "task"
+    # 2: bad input the uploader can fix; 3: a node that could not run it (an operator's matter, e.g. a GPU driver)
+    kind = {2: "input", 3: "node"}.get(exit_code) or ("canceled" if reason == "canceled" else "task")
     dims = dimensions(job_id, segment, task_id, attempt, "", "stitching" if stitch else "scoring",
                       reason=reason, kind=kind, exit_code="" if exit_code is None else exit_code)
     return [Event(TASK_FAILED, dims, measurements({"exit_code": exit_code})),
