@@ -688,3 +688,17 @@ def test_a_failed_task_says_whose_fault_it_was(exit_code: int, error: str, kind:
 
     record = task_finished("job-1", "seg00000-a0", "failed", exit_code=exit_code, error=error)[0]
     assert record.properties["kind"] == kind
+
+
+def test_a_jobs_last_record_is_sent_at_once(ingestion: Ingestion) -> None:
+    """A worker the Functions host stops (SIGTERM on scale-in) skips atexit: a JobFailed still waiting for the
+    5 s export interval was lost (0 of 40 records sent 0.5 s before a SIGTERM). The terminal hooks start a
+    flush in the background, so the record is out within a second, and the caller still does not wait."""
+    assert telemetry.configure(ingestion.connection_string)
+    began = time.monotonic()
+    telemetry.job_failed(orchestration("job-last-words", False, 1.0), {"kind": "internal", "message": "boom"})
+    assert time.monotonic() - began < 0.5
+    deadline = time.monotonic() + 1.5  # well inside the export interval
+    while not events(ingestion.records(), "JobFailed", "job-last-words"):
+        assert time.monotonic() < deadline, "JobFailed not sent within 1.5 s"
+        time.sleep(0.05)

@@ -73,7 +73,7 @@ resource failedJobsAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = {
       appInsights.id
     ]
     evaluationFrequency: 'PT5M'
-    windowSize: 'PT5M'
+    windowSize: 'PT15M'
     criteria: {
       allOf: [
         {

@@ -109,6 +109,7 @@ def job_completed(context: Any, summary: Mapping[str, Any], clock: Mapping[str, 
         if context.is_replaying or lifecycle.active() is None:
             return
         lifecycle.emit(events.job_completed(context.instance_id, summary, stages.seconds_by_stage(clock)))
+        lifecycle.flush_soon()
 
 
 def job_failed(context: Any, error: Mapping[str, Any], clock: Mapping[str, Any] | None = None) -> None:
@@ -119,6 +120,7 @@ def job_failed(context: Any, error: Mapping[str, Any], clock: Mapping[str, Any] 
             return
         lifecycle.emit(events.job_failed(context.instance_id, error, stages.last_stage(clock),
                                          stages.seconds_by_stage(clock)))
+        lifecycle.flush_soon()
 
 
 def job_canceled(job_id: str) -> None:
@@ -127,6 +129,7 @@ def job_canceled(job_id: str) -> None:
         return
     with _guard():
         lifecycle.emit(events.job_canceled(job_id))
+        lifecycle.flush_soon()
 
 
 @contextlib.contextmanager

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 CONNECTION_ENV = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 AUTHENTICATION_ENV = "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
 FLUSH_TIMEOUT_SECONDS = 5.0
+# A job's last record (completed, failed, canceled) is sent at once (flush_soon), not at the next export interval:
+# the Functions host stops a scaled-in or recycled worker with SIGTERM, which skips atexit, and what the export
+# interval had not sent yet was lost, typically that last record.
+TERMINAL_FLUSH_SECONDS = 2.0
+_flushing = threading.Lock()  # one background flush at a time
 COUNTERS = ("emitted", "sent", "export_failures", "dropped", "errors")
 
 log = logging.getLogger("stylize.telemetry")  # our own diagnostics (not exported)
@@ -75,6 +80,21 @@ def flush(timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
     except Exception:
         count("errors")
         return False
+
+
+def flush_soon(timeout: float = TERMINAL_FLUSH_SECONDS) -> None:
+    """Start sending what was recorded so far now, on a thread of its own: the caller does not wait (telemetry
+    never slows a job, not even with the endpoint down), and a flush already under way covers the rest."""
+    if _exporter is None or not _flushing.acquire(blocking=False):
+        return
+
+    def run() -> None:
+        try:
+            flush(timeout)
+        finally:
+            _flushing.release()
+
+    threading.Thread(target=run, name="telemetry-flush", daemon=True).start()
 
 
 def shutdown(timeout: float = FLUSH_TIMEOUT_SECONDS) -> None:
