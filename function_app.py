@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 
 import azure.durable_functions as df
 import azure.functions as func
@@ -34,6 +35,9 @@ telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it,
 ORCHESTRATION = "stylize_video"
 JOB_FIELDS = {"input", "output", "style", "strength", "preserve_color", "temporal", "max_size", "segment_seconds"}
 ACTIVE = {"Pending", "Running", "ContinuedAsNew"}
+# What pipeline.jobspec.instance_id makes. Anything else is no job of ours, and goes nowhere near the Durable
+# management API, whose URL the SDK builds from the id unquoted (an id with "?" or "/" would add to that URL).
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
 
 @app.function_name("on_video_uploaded")
@@ -106,6 +110,8 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
 @app.route(route="jobs/{job_id}", methods=["GET"])
 @app.durable_client_input(client_name="starter")
 async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
+    if not JOB_ID.match(req.route_params["job_id"]):
+        return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
     status = await starter.get_status(req.route_params["job_id"], show_input=True)
     if not status or not status.runtime_status:
         return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
@@ -137,6 +143,8 @@ async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     rather than when the orchestration next wakes. Again on an ended job whose cleanup was left incomplete,
     it finishes that cleanup."""
     job_id = req.route_params["job_id"]
+    if not JOB_ID.match(job_id):
+        return _error(404, f"no job {job_id!r}", "job_id")
     status = await starter.get_status(job_id, show_input=True)
     if not status or not status.runtime_status:
         return _error(404, f"no job {job_id!r}", "job_id")

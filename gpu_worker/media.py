@@ -231,6 +231,7 @@ def probe(source: str, http_headers: Mapping[str, str] | None = None) -> VideoIn
 
 
 VIDEO_END_WINDOW_SECONDS = 10
+VIDEO_END_READ_LIMIT = 64 * 2**20  # bytes: a header that lies about the duration must not make this read the file
 
 
 def _video_end(container: Source, stream: av.VideoStream) -> int | None:
@@ -242,10 +243,14 @@ def _video_end(container: Source, stream: av.VideoStream) -> int | None:
     window = VIDEO_END_WINDOW_SECONDS * av.time_base
     target = (container.start_time or 0) + container.duration - window
     end = None
+    read = 0
     try:
         with container.reading():
             container.seek(max(0, target), backward=True, any_frame=False)  # in AV_TIME_BASE units
         for packet in container.read(container.demux(stream)):
+            read += packet.size
+            if read > VIDEO_END_READ_LIMIT:
+                return None  # not the last seconds after all: the container's duration it is
             if packet.pts is not None:
                 end = max(end or packet.pts, packet.pts + (packet.duration or 0))
     except av.error.FFmpegError:

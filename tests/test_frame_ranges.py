@@ -272,3 +272,14 @@ def test_probe_measures_the_video_not_the_audio_after_it(suffix: str, codecs: li
     info = media.probe(str(source))
     times = frame_times(source)
     assert abs(info.duration_seconds - float(times[-1] - times[0] + Fraction(1, 25))) < 0.05, info
+
+
+def test_probe_reads_a_bounded_tail_for_the_videos_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Matroska header that lies about the duration (1 s for 600) made the seek land at the start and the read
+    run through the whole file, in the Function App: the read stops at VIDEO_END_READ_LIMIT bytes and the
+    container's duration stands."""
+    source = tmp_path / "tail.mkv"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=128x72:r=25:d=3", "-f", "lavfi", "-i",
+                    "sine=r=48000:d=6", "-c:v", "libx264", "-c:a", "aac", str(source)], check=True)
+    monkeypatch.setattr(media, "VIDEO_END_READ_LIMIT", 1000)  # less than the last seconds take
+    assert media.probe(str(source)).duration_seconds > 5.9  # the container's: the video's end was not searched for

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import azure.durable_functions as df
 import azure.functions as func
 import pytest
 
@@ -156,6 +157,18 @@ def test_unknown_job_is_404(local_app) -> None:
     host, _ = local_app
     assert call(host, "get_job", route={"job_id": "nope"})[0] == 404
     assert call(host, "cancel_job", "POST", route={"job_id": "nope"})[0] == 404
+
+
+@pytest.mark.parametrize("job_id", ["x/../../y", "x?taskHub=Other&a=", "x%3FtaskHub=Other", "", "a" * 101])
+def test_an_id_no_job_can_have_is_404_before_the_durable_client(local_app, job_id: str, monkeypatch) -> None:
+    """The SDK puts the id into the management API's URL unquoted: "?" or "/" in it would add to that URL."""
+    host, _ = local_app
+    asked = []
+    monkeypatch.setattr(df.DurableOrchestrationClient, "get_status",
+                        lambda self, instance_id, *a, **k: asked.append(instance_id))
+    assert call(host, "get_job", route={"job_id": job_id})[0] == 404
+    assert call(host, "cancel_job", "POST", route={"job_id": job_id})[0] == 404
+    assert asked == []
 
 
 def test_stylize_status_follows_a_job_over_http(local_app, clip: Path) -> None:
