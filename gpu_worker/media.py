@@ -161,6 +161,9 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> S
         raise InputError(f"{name} has no video stream")
     try:
         check_track_counts(container, name)
+        declared = container.streams.video[0].codec_context
+        if declared.width and declared.height:  # refused before a frame of it is decoded (a tiny file can
+            check_size(declared.width, declared.height, name)  # declare 16000x16000: GBs a frame)
     except InputError:
         container.close()
         raise
@@ -338,6 +341,8 @@ def decode_range(
         for frame in frames:
             if frame.pts is None:
                 raise InputError("the video has frames without timestamps; remux it (e.g. to MP4) first")
+            if max(frame.width, frame.height) > MAX_SIDE:  # a stream that grows mid-way: no bigger than its start
+                check_size(frame.width, frame.height, "the video")
             if newest is not None and frame.pts <= newest:
                 # A frame at a time already shown (a repeated or backward timestamp, as some recorders and
                 # edits leave) cannot be stored in MP4, where each frame has its own time: the first one shown

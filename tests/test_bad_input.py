@@ -214,3 +214,25 @@ def test_bad_request_is_400_naming_the_field(body, field: str, message: str | No
                                  output=stack.settings.output_container)
     assert "\n" not in reply["error"] and (message is None or reply["error"] == message), reply["error"]
     assert stack.host.list_instances() == jobs_before  # nothing started
+
+
+def test_a_tiny_file_declaring_huge_frames_is_refused_before_a_frame_is_decoded(tmp_path: Path) -> None:
+    """43 bytes of GIF declaring a 16000x16000 screen: probing it (in the Function App, 2 GB) decoded one
+    1 GB frame before refusing it. The declared size is now checked first."""
+    import struct
+    import subprocess
+    import sys
+
+    gif = (b"GIF89a" + struct.pack("<HHBBB", 16000, 16000, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+           + b"\x21\xf9\x04\x00\x02\x00\x00\x00" + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+           + b"\x02\x02\x44\x01\x00" + b"\x3b")
+    bomb = tmp_path / "bomb.gif"
+    bomb.write_bytes(gif)
+    code = ("import resource, sys\nfrom gpu_worker import media\ntry:\n    media.probe(sys.argv[1])\n"
+            "except media.InputError as e:\n    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    message, peak_mb = done.stdout.splitlines()
+    assert message == "bomb.gif is 16000x16000: frames must be 2 to 8192 pixels a side"
+    assert int(peak_mb) < 600, peak_mb  # over 1 GB before
