@@ -109,6 +109,9 @@ def job_spec(
         raise InputError(f"output must name an .mp4 blob in the '{settings.output_container}' container, got "
                          f"{output!r}", field="output")
     stem = str(PurePosixPath(output).with_suffix(""))
+    # one spelling of the suffix: "x.MP4" and "x.mp4" would be two videos sharing one manifest, x.json, so
+    # neither the clash check nor a failed publish's clean-up could tell them apart
+    output = f"{stem}.mp4"
     return JobSpec(
         job_id=job_id, input_container=container, input_name=name, style=spec.describe(),
         strength=parse_strength(spec.strength), preserve_color=spec.preserve_color, temporal=spec.temporal,

@@ -84,6 +84,12 @@ def test_bad_job_options_name_the_field(options: dict, field: str, message: str)
     assert err.value.field == field
 
 
+def test_an_output_suffix_has_one_spelling() -> None:
+    """"victim.MP4" shared the manifest victim.json with another job's "victim.mp4" (a security review)."""
+    spec = job_spec("j1", "input", "a.mp4", {"output": "victim.MP4"}, SETTINGS)
+    assert (spec.output_name, spec.manifest_name) == ("victim.mp4", "victim.json")
+
+
 def test_input_must_look_like_a_video() -> None:
     with pytest.raises(InputError, match="does not look like a video"):
         job_spec("j1", "input", "notes.txt", {}, SETTINGS)
