@@ -23,6 +23,8 @@ from gpu_worker.networks import MIN_SIDE, FrameStylizer, apply_options
 from gpu_worker.style_spec import StyleSpec
 
 MAX_STYLE_IMAGE_BYTES = 50 * 1024 * 1024
+# A 656 KB PNG can declare 13000x13000 (2.9 GB decoded, in every task); the predictor looks at 256x256 anyway.
+MAX_STYLE_IMAGE_PIXELS = 40_000_000
 STYLE_IMAGE_SIZE = 256  # the style predictor's input side
 # Rough activation bytes per pixel per frame in flight on the GPU (32 fp16 channels, several live tensors,
 # cuDNN workspace); used only to pick a batch size that leaves headroom.
@@ -290,7 +292,13 @@ def load_style_image(ref: str, http_headers: Mapping[str, str] | None = None):
     if len(data) > MAX_STYLE_IMAGE_BYTES:
         raise InputError(f"style image {name} is larger than {MAX_STYLE_IMAGE_BYTES >> 20} MB", field="style")
     try:
-        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the check below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # the header only: the size is known before any pixel is decoded
+        if image.width * image.height > MAX_STYLE_IMAGE_PIXELS:
+            raise InputError(f"style image {name} is {image.width}x{image.height}: at most "
+                             f"{MAX_STYLE_IMAGE_PIXELS // 10**6} megapixels (it is seen at 256x256)", field="style")
+        image = ImageOps.exif_transpose(image)
         image.load()
     except (OSError, Image.DecompressionBombError, SyntaxError):
         raise InputError(f"style image {name} is not an image this service can read (use JPEG, PNG or WebP)",

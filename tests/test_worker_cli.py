@@ -262,6 +262,16 @@ def test_style_image_that_is_not_an_image(clip: Path, tmp_path: Path) -> None:
     assert_bad_input(result, "style image painting.png is not an image")
 
 
+def test_a_style_image_declaring_too_many_pixels_is_refused_before_decoding(clip: Path, tmp_path: Path) -> None:
+    """A small PNG declaring 13000x13000 decoded to 2.9 GB in every task (a security review)."""
+    from PIL import Image
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (13000, 13000)).save(huge)  # 1 bit a pixel: a small file
+    result = worker("stylize", str(clip), str(tmp_path / "o.mp4"), "--style", str(huge))
+    assert_bad_input(result, "style image huge.png is 13000x13000: at most 40 megapixels")
+
+
 def test_probe_prints_json() -> None:
     result = worker("probe", str(sample_clip("carphone_pristine.mp4")))
     info = json.loads(result.stdout)
