@@ -77,7 +77,15 @@ def _prepare(job: JobSpec, svc: Services) -> dict:
         raise InputError(f"{PurePosixPath(job.input_name).name} is empty", field="input")
     info = probe(svc.storage.reader_url(job.input_container, job.input_name), svc.storage.reader_headers())
     duration = info.duration_seconds
-    if duration is not None and duration > s.max_duration_seconds:
+    # The limit and the plan hold only if the length is known and not understated: a header can say 0.001 s for
+    # 600 s of frames, and with no length at all the whole video was one open-ended task. The frame count says
+    # how long it is too; the longer of the two is taken.
+    if info.frames and info.frame_rate:
+        duration = max(duration or 0.0, info.frames / info.frame_rate)
+    if not duration:
+        raise InputError(f"{PurePosixPath(job.input_name).name} does not say how long it is (a raw stream or a live "
+                         "recording); remux it to MP4 first", field="input")
+    if duration > s.max_duration_seconds:
         raise InputError(f"the video is {_span(duration)} long; the limit is {_span(s.max_duration_seconds)}",
                          field="input")
     if max(info.width, info.height) > s.max_frame_side:

@@ -103,9 +103,11 @@ def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
          "--segment-seconds must be 1 to 3600, got 0"),  # 0 was taken as "not given"
         (lambda d: make_clip(d, "bframes", seconds=1, size="64x48"), ["-s", "7", "--workers", "0"],
          "--workers must be 1 to 64, got 0"),
+        # no length known: it ran as one open-ended task past every limit (a security review)
+        (lambda d: _raw_h264(d / "raw.mp4"), [], "raw.mp4 does not say how long it is"),
     ],
     ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "style-url", "bad-temporal",
-         "segment-seconds-0", "workers-0"],
+         "segment-seconds-0", "workers-0", "no-duration"],
 )
 def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
     source = make(tmp_path)
@@ -134,6 +136,11 @@ def test_function_app_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def _raw_h264(path: Path) -> Path:
+    _ffmpeg(["-f", "lavfi", "-i", "testsrc2=s=64x48:r=25:d=1", "-c:v", "libx264", "-f", "h264", str(path)])
+    return path
 
 
 def _write(path: Path, text: str) -> Path:
