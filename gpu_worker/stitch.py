@@ -55,14 +55,17 @@ def stitch(
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     with ExitStack() as stack:
-        inputs = [stack.enter_context(media.open_source(str(p), http_headers)) for p in segments]
+        # The first segment stays open for the output stream's template; the others are opened one at a time as
+        # their turn comes (thousands at once ran out of file descriptors, after all the scoring).
+        first = stack.enter_context(media.open_source(str(segments[0]), http_headers))
+        inputs = _opened_in_turn(first, segments[1:], http_headers)
         # opening the source refuses one with too many tracks (media.check_track_counts) before anything is written
         source = None if audio_source is None else stack.enter_context(media.open_source(audio_source, http_headers))
-        timescales = media.mp4_timescales(inputs[0].streams.video[0].time_base)
+        timescales = media.mp4_timescales(first.streams.video[0].time_base)
         out = stack.enter_context(av.open(str(tmp), mode="w", format="mp4",
                                           options={"movflags": "+faststart", **timescales}))
         try:
-            result = _remux(inputs, source, out, output)
+            result = _remux(first, inputs, len(segments), source, out, output)
         except BaseException:
             out.close()
             with suppress(FileNotFoundError):
@@ -72,8 +75,16 @@ def stitch(
     return result
 
 
-def _remux(inputs: list, source, out, output: Path) -> StitchResult:
-    template = inputs[0].streams.video[0]
+def _opened_in_turn(first, rest: Sequence[str | Path], http_headers: Mapping[str, str] | None) -> Iterator:
+    """``first``, then each of ``rest`` opened as it is reached and closed once the next is wanted."""
+    yield first
+    for path in rest:
+        with media.open_source(str(path), http_headers) as container:
+            yield container
+
+
+def _remux(first, inputs: Iterable, count: int, source, out, output: Path) -> StitchResult:
+    template = first.streams.video[0]
     video_out = out.add_stream_from_template(template)
     plans = tracks.plan(source) if source is not None else []
     carried = carry_container_info(source, out) if source is not None else {"chapters": 0, "metadata": {}}
@@ -122,7 +133,7 @@ def _remux(inputs: list, source, out, output: Path) -> StitchResult:
             report.setdefault("notes", []).append(f"{writer.skipped} damaged packets left out")
     modes = {"copy" if w.plan.action == "copied" else "aac" for w in writers.values() if w.plan.kind == "audio"}
     return StitchResult(
-        output=str(output), segments=len(inputs), frames=counts["frames"], duration_seconds=round(counts["end"], 6),
+        output=str(output), segments=count, frames=counts["frames"], duration_seconds=round(counts["end"], 6),
         audio="+".join(m for m in ("copy", "aac") if m in modes) or "none", tracks=reports,
         video=colour_tags.describe(source.streams.video[0] if source is not None else template, video_out),
         chapters=carried["chapters"], metadata=carried["metadata"])

@@ -163,3 +163,32 @@ def test_closing_a_source_while_its_reader_waits_on_the_network(tmp_path: Path) 
     assert report["close_seconds"] < 1  # close does not wait for the network
     # the reader leaves ffmpeg when its read returns, then stops at its next read instead of reading freed state
     assert not report["reader_alive"] and report["ended"] == ["SourceClosedError"]
+
+
+def test_a_stitch_of_more_segments_than_open_files_allows(tmp_path: Path) -> None:
+    """Every segment was opened at once: 3000 of them (1-second segments of a 50-minute video) ran out of file
+    descriptors and failed the job as bad input after all the scoring. They are opened one at a time now."""
+    import resource
+
+    from gpu_worker.media import SegmentWriter
+
+    segments = []
+    for i in range(300):  # one frame each, at its own time
+        path = tmp_path / f"{i:05d}.mp4"
+        writer = SegmentWriter(path, width=16, height=16, time_base=Fraction(1, 25), sample_aspect_ratio=Fraction(1),
+                               frame_rate=Fraction(25), matrix="itu601", preset="ultrafast")
+        writer.write(av.VideoFrame(16, 16, "yuv420p"), i)
+        writer.commit()
+        segments.append(path)
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([str(p) for p in segments]))
+    out = tmp_path / "out.mp4"
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # far fewer than the segments
+
+    done = subprocess.run([sys.executable, "-m", "gpu_worker", "stitch", str(out), "--list", str(listing), "--json"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=few_files,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["frames"] == 300 and len(frame_times(out)) == 300
