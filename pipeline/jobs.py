@@ -88,6 +88,9 @@ def _prepare(job: JobSpec, svc: Services) -> dict:
     if duration > s.max_duration_seconds:
         raise InputError(f"the video is {_span(duration)} long; the limit is {_span(s.max_duration_seconds)}",
                          field="input")
+    if info.frame_rate and info.frame_rate > s.max_frame_rate:
+        raise InputError(f"the video runs at {info.frame_rate:g} frames a second; up to {s.max_frame_rate:g} are "
+                         "accepted", field="input")
     if max(info.width, info.height) > s.max_frame_side:
         raise InputError(f"the video is {info.width}x{info.height}; frames up to {s.max_frame_side} pixels a side "
                          "are accepted", field="input")

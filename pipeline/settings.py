@@ -62,6 +62,9 @@ class Settings:
     task_timeout_minutes: int = 60
     max_duration_seconds: float = 4 * 3600.0
     max_frame_side: int = 7680  # 8K UHD; the worker itself refuses anything over 8192
+    # frames a second: with the side and the duration, what bounds a job's work (a 930 KB upload of 2 s at 500 fps
+    # and 8K asked for 1000 frames of 8K)
+    max_frame_rate: float = 240.0
     default_style: str = "0"
     default_strength: float = 1.0
     default_temporal: float = DEFAULT_TEMPORAL
@@ -136,6 +139,7 @@ class Settings:
             task_timeout_minutes=get("TASK_TIMEOUT_MINUTES", base.task_timeout_minutes, int),
             max_duration_seconds=get("MAX_DURATION_SECONDS", base.max_duration_seconds, float),
             max_frame_side=get("MAX_FRAME_SIDE", base.max_frame_side, int),
+            max_frame_rate=get("MAX_FRAME_RATE", base.max_frame_rate, float),
             default_style=get("DEFAULT_STYLE", base.default_style),
             default_strength=get("DEFAULT_STRENGTH", base.default_strength, float),
             default_temporal=get("DEFAULT_TEMPORAL", base.default_temporal, float),
@@ -157,4 +161,5 @@ _RANGES = {
     "task_timeout_minutes": ("TASK_TIMEOUT_MINUTES", 1, 7 * 24 * 60),
     "max_duration_seconds": ("MAX_DURATION_SECONDS", 1.0, 7 * 24 * 3600.0),
     "max_frame_side": ("MAX_FRAME_SIDE", 64, 8192),
+    "max_frame_rate": ("MAX_FRAME_RATE", 1.0, 1000.0),
 }

@@ -105,9 +105,11 @@ def test_progress_off_a_terminal_is_a_line_per_stage_and_quarter() -> None:
          "--workers must be 1 to 64, got 0"),
         # no length known: it ran as one open-ended task past every limit (a security review)
         (lambda d: _raw_h264(d / "raw.mp4"), [], "raw.mp4 does not say how long it is"),
+        (lambda d: make_clip(d, "bframes", seconds=0.2, size="64x48", rate=500), [],
+         "the video runs at 500 frames a second; up to 240 are accepted"),
     ],
     ids=["missing", "not-a-video", "playlist", "bad-style", "missing-style-image", "style-url", "bad-temporal",
-         "segment-seconds-0", "workers-0", "no-duration"],
+         "segment-seconds-0", "workers-0", "no-duration", "500-fps"],
 )
 def test_bad_input_exits_2_and_writes_nothing(make, args: list[str], message: str, tmp_path: Path) -> None:
     source = make(tmp_path)
