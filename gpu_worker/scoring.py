@@ -177,19 +177,18 @@ class StyleScorer:
             try:
                 done.append(self._score(piece))
             except torch.cuda.OutOfMemoryError:
-                out_of_memory = True  # retried below, once the failed attempt's tensors are gone with the exception
+                pass  # handled below, once the failed attempt's tensors are gone with the exception
             else:
-                out_of_memory = False
                 start += len(piece)
-            if out_of_memory:
-                if len(piece) == 1:
-                    height, width = frames.shape[1:3]
-                    raise InputError(f"one {width}x{height} frame does not fit in this GPU's memory; scale the video "
-                                     "down with max_size (--max-size)", field="max_size")
-                self.max_batch = max(1, len(piece) // 2)
-                if isinstance(self._net, CompiledOnDevice):
-                    self._net.shrink(self.max_batch)
-                torch.cuda.empty_cache()
+                continue
+            if len(piece) == 1:
+                height, width = frames.shape[1:3]
+                raise InputError(f"one {width}x{height} frame does not fit in this GPU's memory; scale the video "
+                                 "down with max_size (--max-size)", field="max_size")
+            self.max_batch = max(1, len(piece) // 2)
+            if isinstance(self._net, CompiledOnDevice):
+                self._net.shrink(self.max_batch)
+            torch.cuda.empty_cache()
         return done[0] if len(done) == 1 else torch.cat(done)
 
     def _score(self, frames: torch.Tensor) -> torch.Tensor:
