@@ -153,7 +153,6 @@ def _write(path: Path, text: str) -> Path:
 def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
     """`stylize run` killed mid-job: no output, no worker left running; the same command then succeeds."""
     import signal
-    import time
 
     import psutil
 
@@ -161,13 +160,7 @@ def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
     out = tmp_path / "out.mp4"
     args = [sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6"]
     proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 60
-    workers: list = []
-    while time.monotonic() < deadline and not workers:
-        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in " ".join(c.cmdline())]
-        time.sleep(0.05)
-    assert workers, "no worker process started"
+    workers = _workers_of(proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=2)  # far less than the task needs to finish by itself
@@ -211,13 +204,7 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
     proc = subprocess.Popen([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out),
                              "--segment-seconds", "6"], cwd=tmp_path, env={**_env(), "TMPDIR": str(scratch)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    parent = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 60
-    workers: list = []
-    while time.monotonic() < deadline and not workers:
-        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in _command_line(c)]
-        time.sleep(0.05)
-    assert workers, "no worker started"
+    workers = _workers_of(proc)
     time.sleep(3)  # a task under way (the standby worker takes it)
     proc.send_signal(getattr(signal, stop))
     _, stderr = proc.communicate(timeout=60)
@@ -227,13 +214,26 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
     assert not out.exists() and list(scratch.iterdir()) == []
 
 
-def _command_line(process) -> str:
+def _workers_of(proc: subprocess.Popen, timeout: float = 60) -> list:
+    """The worker processes `stylize run` started, once there is one."""
+    import time
+
     import psutil
 
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:  # ended meanwhile
-        return ""
+    def command_line(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return ""
+
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in command_line(c)]
+        if workers:
+            return workers
+        time.sleep(0.05)
+    raise AssertionError("no worker process started")
 
 
 def test_run_takes_the_settings_defaults_for_what_it_is_not_told(tmp_path: Path) -> None:
