@@ -206,6 +206,7 @@ class FakeBatch:
         # What a pool that cannot run tasks shows: resize errors ({"code", "message"}) and its nodes' states
         # (None: one idle node per execution slot).
         self.resize_errors: list[dict] = []
+        self.node_listings = 0  # how often the pool's nodes were listed (BatchCompute.blocker does, when it checks)
         self.node_states: list[str] | None = None
         self.worker_image = worker_image
         self.pool_identity = pool_identity
@@ -446,6 +447,7 @@ class FakeBatch:
     def _list_nodes(self, pool_id: str, query: dict):
         if pool_id not in self.pools:
             raise Refused(404, "PoolNotFound", f"The specified pool {pool_id} does not exist.")
+        self.node_listings += 1
         nodes = [{"id": f"tvmps_{i:04d}", "url": f"{self.url}/pools/{pool_id}/nodes/tvmps_{i:04d}", "state": state,
                   "vmSize": self.vm_size} for i, state in enumerate(self._node_states())]
         return 200, {"value": [self._select(node, query, NODE_SELECT) for node in nodes]}, {}

@@ -210,17 +210,20 @@ def test_a_pool_that_cannot_run_tasks_fails_the_job_with_batchs_reason(pool: str
         with LocalDurableHost(function_app.app, max_workers=4) as host:
             job_id = start(host, svc, clip)
             if pool == "only slow":
-                time.sleep(3)  # ten checks' worth
+                deadline = time.monotonic() + 60
+                while fake.node_listings < 10 and time.monotonic() < deadline:  # ten checks, each found it slow
+                    time.sleep(0.1)
+                assert fake.node_listings >= 10
                 status = host.status(job_id)
                 assert status["runtimeStatus"] == "Running" and status["customStatus"]["stage"] == "scoring"
                 code, _ = call(host, "cancel_job", "POST", route={"job_id": job_id})
                 assert code == 202
-                return
-            status = host.wait(job_id, timeout=60)
-            assert status["runtimeStatus"] == "Failed"
-            assert status["customStatus"]["error"] == {"kind": "internal",
-                                                       "message": f"none of this job's tasks can start: {reason}"}
-            assert_job_gone(fake, svc, run_id(host, job_id))
+            else:
+                status = host.wait(job_id, timeout=60)
+                assert status["runtimeStatus"] == "Failed"
+                assert status["customStatus"]["error"] == {"kind": "internal",
+                                                           "message": f"none of this job's tasks can start: {reason}"}
+                assert_job_gone(fake, svc, run_id(host, job_id))
     finally:
         fake.close()
     assert fake.violations == []

@@ -236,7 +236,9 @@ def test_a_standby_worker_runs_the_first_task_as_a_fresh_one_would(tmp_path: Pat
                                                 "--start", start, "--json"], "work", f"job/{task_id}.mp4")])
             while (state := local.poll("job")[task_id]).state in ("pending", "running"):
                 pass
-            assert standbys[-1].poll() is not None  # the standby ran it (an idle one waits on its stdin)
+            # the standby ran it (an idle one waits on its stdin) and ended as the task did; one that crashed on
+            # start-up is passed over for a fresh process, and would show another exit status here
+            assert standbys[-1].wait(10) == (0 if task_id == "good" else 2)
             if task_id == "good":
                 assert state.state == "succeeded" and state.summary["frames"] == 25, state
                 with av.open(str(tmp_path / "storage" / "work" / "job" / "good.mp4")) as out:

@@ -8,11 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.progress import STAGES
-from tests.media_helpers import _ffmpeg, display_aspect, frame_times, make_clip, sample_clip, video_stream_info
+from tests.media_helpers import (
+    _ffmpeg,
+    display_aspect,
+    ffmpeg_rgb_frames,
+    frame_times,
+    make_clip,
+    sample_clip,
+    video_stream_info,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,10 +167,12 @@ def test_killed_run_leaves_nothing_and_runs_again(tmp_path: Path) -> None:
     import psutil
 
     source = make_clip(tmp_path, "bframes", seconds=6, size="320x240")  # one task of several seconds
-    out = tmp_path / "out.mp4"
+    out, scratch = tmp_path / "out.mp4", tmp_path / "tmp"
+    scratch.mkdir()
     args = [sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out), "--segment-seconds", "6"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = _workers_of(proc)
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**_env(), "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers = _scoring(proc, scratch)  # its work folder is in TMPDIR
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=2)  # far less than the task needs to finish by itself
@@ -193,7 +205,6 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
     behind in /tmp before). Nothing else is left in $TMPDIR either: the compiled network's loader unpacked 3 MB
     there that only its destructor removed, which a killed worker never runs."""
     import signal
-    import time
 
     import psutil
 
@@ -204,8 +215,7 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
     proc = subprocess.Popen([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out),
                              "--segment-seconds", "6"], cwd=tmp_path, env={**_env(), "TMPDIR": str(scratch)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    workers = _workers_of(proc)
-    time.sleep(3)  # a task under way (the standby worker takes it)
+    workers = _scoring(proc, scratch)  # its work folder is in TMPDIR
     proc.send_signal(getattr(signal, stop))
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stderr.rstrip().endswith("interrupted"), stderr
@@ -214,8 +224,9 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
     assert not out.exists() and list(scratch.iterdir()) == []
 
 
-def _workers_of(proc: subprocess.Popen, timeout: float = 60) -> list:
-    """The worker processes `stylize run` started, once there is one."""
+def _scoring(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> list:
+    """The worker processes `stylize run` started, once one of them has written frames: a segment's progress file
+    under ``folder`` (where the run's work folder is) counts some."""
     import time
 
     import psutil
@@ -226,14 +237,18 @@ def _workers_of(proc: subprocess.Popen, timeout: float = 60) -> list:
         except psutil.Error:  # ended meanwhile
             return ""
 
+    def frames_done() -> int:
+        counts = [path.read_text().strip() for path in folder.rglob("progress")]
+        return max((int(c) for c in counts if c.isdigit()), default=0)
+
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = [c for c in parent.children(recursive=True) if "gpu_worker" in command_line(c)]
-        if workers:
+        if workers and frames_done() > 0:
             return workers
         time.sleep(0.05)
-    raise AssertionError("no worker process started")
+    raise AssertionError("no worker wrote a frame")
 
 
 def test_run_takes_the_settings_defaults_for_what_it_is_not_told(tmp_path: Path) -> None:
@@ -242,10 +257,14 @@ def test_run_takes_the_settings_defaults_for_what_it_is_not_told(tmp_path: Path)
     out = tmp_path / "out.mp4"
     result = subprocess.run([sys.executable, "-m", "local.cli", "run", str(source), "-s", "7", "-o", str(out),
                              "--temporal", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**_env(), "DEFAULT_MAX_SIZE": "64"})
+                            env={**_env(), "DEFAULT_MAX_SIZE": "64", "DEFAULT_STRENGTH": "0"})
     assert result.returncode == 0, result.stderr
     info = video_stream_info(out)
     assert (info["width"], info["height"]) == (64, 48)
+    shrunk = [cv2.resize(f, (64, 48), interpolation=cv2.INTER_AREA) for f in ffmpeg_rgb_frames(source, 5)]
+    # strength 0 gives the source back: 12.6 levels from it here, as the two scalers differ on testsrc2's sharp
+    # edges; style 7 at strength 1 is 84 levels away
+    assert np.abs(ffmpeg_rgb_frames(out, 5).astype(float) - np.stack(shrunk)).mean() < 25
 
 
 def test_run_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:

@@ -258,13 +258,17 @@ def test_more_than_32_tracks_are_refused_before_any_work(kind: str, tmp_path: Pa
 def test_a_job_with_too_many_tracks_fails_at_probing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     many = make_clip_with_many_tracks(tmp_path, "audio", 33)
     with open_stack("local", tmp_path, monkeypatch) as stack:
+        submitted, submit = [], stack.svc.compute.submit
+        monkeypatch.setattr(stack.svc.compute, "submit", lambda job, tasks: submitted.append(tasks) or submit(job,
+                                                                                                              tasks))
         job_id = stack.start(stack.put(many, "many.mkv"), style="7")
         status = stack.wait(job_id)
         assert status["runtimeStatus"] == "Failed"
         assert status["customStatus"]["error"] == {
             "kind": "input", "message": "many.mkv has 33 audio tracks; at most 32 audio and 32 subtitle tracks are "
                                         "accepted"}
-        assert stack.svc.compute.poll(stack.run_id(job_id)) == {}  # no task was ever submitted
+        assert submitted == []  # no task was ever submitted
+        assert "segments" not in status["customStatus"]  # nor planned
 
 
 def test_aac_settings_for_awkward_tracks() -> None:

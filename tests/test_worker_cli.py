@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -181,6 +182,33 @@ def test_a_black_video_comes_out_one_colour(tmp_path: Path) -> None:
     with av.open(str(out)) as container:
         picture = next(container.decode(video=0)).to_ndarray(format="rgb24").astype(float)
     assert picture.reshape(-1, 3).std(axis=0).max() < 1.5  # x264's rounding of one colour, not a texture
+
+
+def test_strength_and_preserve_color_change_the_pixels_as_documented(tmp_path: Path) -> None:
+    """strength 0 gives the source back, 0.5 lies halfway, and preserve_color keeps the source's chroma under the
+    stylized luminance: a swapped mix or a colour option that did nothing used to pass every test."""
+    source = sample_clip("carphone_pristine.mp4")  # natural colours: testsrc2's pure ones clip in any mix
+
+    def planes(path: Path) -> np.ndarray:  # [frames, H*3/2, W]: Y, then U and V, as the encoder wrote them
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="yuv420p") for f, _ in zip(container.decode(video=0), range(5),
+                                                                             strict=False)]).astype(float)
+
+    def run(*options: str) -> np.ndarray:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}.mp4"
+        result = worker("stylize", str(source), str(out), "-s", "7", "--temporal", "0", "--end", "0.2", *options)
+        assert result.returncode == 0, result.stderr
+        return planes(out)
+
+    original, full, none, half, colour = (planes(source), run(), run("--strength", "0"),
+                                          run("--strength", "0.5"), run("--preserve-color"))
+    luma, chroma = slice(0, original.shape[1] * 2 // 3), slice(original.shape[1] * 2 // 3, None)
+    assert np.abs(full - original).mean() > 20  # style 7 repaints the picture
+    assert np.abs(none - original).mean() < 3  # codec noise only
+    assert np.abs(half - (original + full) / 2).mean() < 4
+    assert np.abs(colour[:, chroma] - original[:, chroma]).mean() < 3
+    assert np.abs(colour[:, luma] - full[:, luma]).mean() < 6  # the stylized brightness, not the source's
+    assert np.abs(colour[:, luma] - original[:, luma]).mean() > 15
 
 
 def test_an_output_in_a_missing_folder_is_refused_first(clip: Path, tmp_path: Path) -> None:
