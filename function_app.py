@@ -34,7 +34,7 @@ telemetry.configure()  # from APPLICATIONINSIGHTS_CONNECTION_STRING; without it,
 
 ORCHESTRATION = "stylize_video"
 JOB_FIELDS = {"input", "output", "style", "strength", "preserve_color", "temporal", "max_size", "segment_seconds"}
-ACTIVE = {"Pending", "Running", "ContinuedAsNew"}
+ACTIVE = {"Pending", "Running", "ContinuedAsNew", "Suspended"}  # Suspended: by an operator; resumable, still has work
 # What pipeline.jobspec.instance_id makes. Anything else is no job of ours, and goes nowhere near the Durable
 # management API, whose URL the SDK builds from the id unquoted (an id with "?" or "/" would add to that URL).
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -100,7 +100,11 @@ async def create_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
         if writer is not None:  # two jobs racing for one path: the later would silently replace the earlier
             return _error(409, f"job {writer} is already writing {svc.settings.output_container}/{job.output_name}; "
                                "wait for it to finish or give this job another \"output\" name", "output")
-        await starter.start_new(ORCHESTRATION, job_id, orchestration_input(job, svc.settings))
+        try:
+            await starter.start_new(ORCHESTRATION, job_id, orchestration_input(job, svc.settings))
+        except Exception:  # the same request at the same moment started it first: answer with that job
+            if not await _exists(starter, job_id, restartable=True):
+                raise
     base = req.url.split("/api/")[0]
     body = {"id": job_id, "status_url": f"{base}/api/jobs/{job_id}", "cancel_url": f"{base}/api/jobs/{job_id}/cancel"}
     return func.HttpResponse(json.dumps(body), status_code=202, mimetype="application/json",
@@ -117,9 +121,10 @@ async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient)
         return _error(404, f"no job {req.route_params['job_id']!r}", "job_id")
     view = _view(status)
     job = _job_of(status)
-    if job is not None and status.runtime_status.name != "Completed":
+    if job is not None:
         record = await asyncio.to_thread(jobs.end_record, job, services())
-        if record and record.get("reason") == "canceled":  # the terminate may still wait for the next episode
+        completed = status.runtime_status.name == "Completed"
+        if record and record.get("reason") == "canceled" and not completed:  # the terminate may wait an episode
             view["stage"] = "canceled"
         if record and record.get("cleanup", "done") != "done":  # e.g. a Batch job still terminating
             view["cleanup"] = record["cleanup"]
@@ -140,8 +145,9 @@ async def list_jobs(req: func.HttpRequest, starter: df.DurableOrchestrationClien
 @app.durable_client_input(client_name="starter")
 async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
     """Stop the job: terminate its orchestration, then end its run (tasks stopped, work files removed) now,
-    rather than when the orchestration next wakes. Again on an ended job whose cleanup was left incomplete,
-    it finishes that cleanup."""
+    rather than when the orchestration next wakes. On an ended job whose cleanup is not recorded as done (left
+    incomplete, or never run: terminated from outside this API, or failed where its own cleanup could not run),
+    it does that cleanup, so that no task of it goes on running."""
     job_id = req.route_params["job_id"]
     if not JOB_ID.match(job_id):
         return _error(404, f"no job {job_id!r}", "job_id")
@@ -151,9 +157,9 @@ async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
     runtime, job, svc = status.runtime_status.name, _job_of(status), services()
     if runtime not in ACTIVE:
         record = job and await asyncio.to_thread(jobs.end_record, job, svc)
-        if not record or record.get("cleanup", "done") == "done":
+        if job is None or (record and record.get("cleanup", "done") == "done"):
             return _error(409, f"job {job_id} is already {runtime}", "job_id")
-        reason = record.get("reason", "ended")
+        reason = (record or {}).get("reason") or ("canceled" if runtime == "Terminated" else runtime.lower())
     else:
         await starter.terminate(job_id, "canceled by request")
         telemetry.job_canceled(job_id)
@@ -203,9 +209,10 @@ async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
 
 
 def _view(status: df.DurableOrchestrationStatus) -> dict:
-    custom = status.custom_status if isinstance(status.custom_status, dict) else {}
-    view = {"id": status.instance_id, "runtime_status": status.runtime_status.name,
-            "created": status.created_time.isoformat() if status.created_time else None,
+    custom = dict(status.custom_status) if isinstance(status.custom_status, dict) else {}
+    # the job's own start: Azure moves an instance's created time to its latest continue-as-new
+    started = custom.pop("started", None) or (status.created_time.isoformat() if status.created_time else None)
+    view = {"id": status.instance_id, "runtime_status": status.runtime_status.name, "created": started,
             "updated": status.last_updated_time.isoformat() if status.last_updated_time else None, **custom}
     if status.runtime_status.name in ("Terminated", "Failed", "Completed") and isinstance(view.get("segments"), dict):
         view["segments"] = {**view["segments"], "running": 0}  # an ended job runs nothing, whatever it last showed

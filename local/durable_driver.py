@@ -307,6 +307,9 @@ class Driver:
             if continued:
                 self._commit(exe, now, new_events, history_event(
                     CONTINUE_AS_NEW_EVENT, Result=continue_input, OrchestrationStatus=STATUS_CONTINUED_AS_NEW))
+                # As the Azure Storage backend does: the new execution starts with no custom status, and its start
+                # becomes the instance's created time (until it sets a status, a client reads null there).
+                inst.custom_status, inst.created = None, now  # (under the host's lock, as all of _apply)
                 return self._new_execution(continue_input)
             if state.get("isDone"):
                 output = state.get("output")

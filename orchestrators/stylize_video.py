@@ -2,14 +2,14 @@
 
 Deterministic by construction: it reads only its input, activity results and context time. Payloads are
 names and counts (the plan itself lives in storage). History stays bounded for long videos: segments are
-submitted in chunks of 100 per activity, one poll activity per tick covers every task, and the monitor loop
-continues-as-new every ``TICKS_PER_EXECUTION`` ticks.
+submitted in chunks of 100 per activity, one poll activity per tick covers every task, and the monitor loops
+(scoring, then the stitch) continue-as-new every ``TICKS_PER_EXECUTION`` ticks.
 
 Everything the orchestration must remember across continue-as-new is one JSON dict, ``state``: when it
-started, the plan's summary (``prepared``), each segment's attempt, the stitch attempt, the monitor's tick
-count, the last progress (``progress``), since when tasks have waited with none running (``waiting_since``) and
-the telemetry stage clock. The helpers below read it and return new values; only the orchestrator function
-itself assigns to it.
+started, the plan's summary (``prepared``), each segment's attempt, the stitch attempt (and the one submitted),
+the monitor's tick count (scoring and stitching), the last progress (``progress``), since when tasks have waited
+with none running (``waiting_since``) and the telemetry stage clock. The helpers below read it and return new
+values; only the orchestrator function itself assigns to it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def stylize_video(context: df.DurableOrchestrationContext):
         return context.call_activity_with_retry(activity, retry, payload)
 
     try:
-        if "prepared" not in state:
+        if "prepared" in state and "stitch_attempt" not in state:
+            # A new execution (continue-as-new) starts with no status on Azure: show the progress before the first
+            # poll, or the job reads "queued" until it returns (the stitching stage is reported below).
+            state["stages"] = _report(context, job, state, "scoring", state.get("progress"))
+        elif "prepared" not in state:
             state["stages"] = _report(context, job, state, "probing")
             state["prepared"] = _unless_bad_input((yield call("prepare_job", job)))
             _info(context, job, "%d segments planned", state["prepared"]["segments"])
@@ -86,17 +90,22 @@ def stylize_video(context: df.DurableOrchestrationContext):
 
         done = state["progress"] = {"succeeded": total, "frames_done": state["frames"]}
         state["stages"] = _report(context, job, state, "stitching", done)
-        while True:
+        while True:  # a stitch can wait behind other jobs' tasks for hours: this loop continues-as-new too
             attempt = state["stitch_attempt"]
-            yield call("submit_stitch", {"job": job, "total": total, "attempt": attempt})
+            if state.get("stitch_submitted") != attempt:
+                yield call("submit_stitch", {"job": job, "total": total, "attempt": attempt})
+                state["stitch_submitted"], state["waiting_since"] = attempt, None
             stitch = {"state": "pending"}
-            waiting_since = None
             while stitch["state"] in ("pending", "running"):
                 yield _sleep(context, options["poll_seconds"])
                 poll = yield call("poll_tasks", {"job": job, "total": 0, "attempts": {}, "stitch_attempt": attempt})
                 stitch = poll["stitch"]
-                waiting_since = yield from _waiting(context, call, job, waiting_since, stitch["state"] != "pending",
-                                                    options)
+                state["waiting_since"] = yield from _waiting(context, call, job, state.get("waiting_since"),
+                                                             stitch["state"] != "pending", options)
+                state["ticks"] += 1
+                if stitch["state"] in ("pending", "running") and state["ticks"] % TICKS_PER_EXECUTION == 0:
+                    context.continue_as_new({**args, "state": state})
+                    return None
             if stitch["state"] == "succeeded":
                 break
             state["stitch_attempt"] = _next_attempt("stitching", stitch, attempt, options["max_attempts"])

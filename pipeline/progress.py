@@ -17,6 +17,8 @@ def job_status(
 ) -> dict:
     """A small dict (far under the 16 KB custom-status limit) describing where the job stands."""
     status: dict = {"stage": stage, "input": f"{job['input_container']}/{job['input_name']}", "style": job["style"]}
+    if started:  # the job's start: on Azure the instance's created time moves to each continue-as-new
+        status["started"] = started
     if prepared:
         done = (poll or {}).get("succeeded", 0)
         status["segments"] = {"done": done, "total": prepared["segments"],

@@ -623,11 +623,11 @@ def _fake(payload: dict, activity: str) -> dict:
     return job
 
 
-def _done(job: dict, task: object) -> bool:
-    """A task finishes on the second poll that sees it."""
+def _done(job: dict, task: object, polls: int = 2) -> bool:
+    """A task finishes on the second poll that sees it (or the ``polls``th)."""
     with JOBS_LOCK:
         job["seen"][task] += 1
-        return job["seen"][task] >= 2
+        return job["seen"][task] >= polls
 
 
 @video_app.activity_trigger(input_name="job")
@@ -656,7 +656,7 @@ def poll_tasks(request: dict) -> dict:
     fake = _fake(request, "poll_tasks")
     if request["stitch_attempt"] is not None:
         attempt = request["stitch_attempt"]
-        if not _done(fake, f"stitch-{attempt}"):
+        if not _done(fake, f"stitch-{attempt}", fake.get("stitch_polls", 2)):
             return {"stitch": {"state": "running"}}
         if attempt in fake["stitch_fails"]:
             return {"stitch": {"state": "failed", "error": "error: muxer died", "exit_code": 1}}
@@ -725,6 +725,18 @@ def test_stylize_video_completes_whatever_the_delivery_order(seed: int | None,
     assert fake["calls"].count("cleanup_job") == 2 and not fake["flaky"]  # one transient failure, one success
     assert status["customStatus"]["stage"] == "completed"
     assert json.loads(status["input"])["state"]["ticks"] >= 2  # the last execution came from continue-as-new
+
+
+def test_a_long_stitch_continues_as_new_and_is_submitted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stitch that waits behind other jobs' tasks: its monitor loop continues-as-new too (its history grew
+    ~8 events a poll without bound), and the new execution goes on polling the stitch it had submitted."""
+    monkeypatch.setattr(stylize_module, "TICKS_PER_EXECUTION", 2)
+    status, fake = _run_video(None, segments=3, stitch_polls=9, stitch_fails={0})
+    assert status["runtimeStatus"] == "Completed", status["output"]
+    assert fake["calls"].count("submit_stitch") == 2  # the failed attempt and its retry, each once
+    state = json.loads(status["input"])["state"]
+    assert state["stitch_submitted"] == 1 and state["ticks"] >= 2 * 9 - 2  # continued while the stitch ran
+    assert status["customStatus"]["stage"] == "completed"
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: "ordered" if seed is None else f"seed{seed}")

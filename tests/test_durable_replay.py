@@ -143,3 +143,15 @@ def test_host_execution_started_has_the_recorded_fields() -> None:
     assert written["Input"] == json.dumps('{"a": 1}') and written["Generation"] == 1
     assert written["OrchestrationInstance"] == {"InstanceId": "clip-1", "ExecutionId": "e" * 32}
     assert written["ParentInstance"] is None and written["Version"] == ""
+
+
+def test_a_continued_execution_shows_where_the_job_stands_before_its_first_poll() -> None:
+    """On Azure a new execution starts with no custom status, and the instance's created time moves to it: until
+    its first poll returned, a job continued-as-new read "queued" with no progress. Its first episode now reports
+    the stage, the plan and the job's own start."""
+    context = _context()
+    state = json.loads(context["input"])["state"]
+    then, _, _ = _as_new_episode(context, 0)
+    status = _decide(then)["customStatus"]
+    assert status["stage"] == "scoring" and status["segments"]["total"] == state["prepared"]["segments"] == 4
+    assert status["frames"]["total"] == 960 and status["started"] == state["started"]

@@ -18,6 +18,7 @@ two API jobs for one output path               → the second is refused (409) u
 two uploads whose names give one output path   → the second fails at once, naming the first
 cancel while segments are scored               → Terminated; nothing running; no work, no output
 cancel while the stitch runs                   → the same
+a job terminated outside the API               → cancel stops its tasks and removes its work (it answered 409)
 steps queued before a cancel, run after it      → refused by the run's end record, also after an app restart
 a submit in flight when the job ends           → it takes back the Batch job / tasks it made
 a restart of a canceled job                    → a new run; completes exactly
@@ -264,6 +265,20 @@ def test_cancel_during_scoring_stops_everything(stack: Stack, clip: Path) -> Non
     code, view = stack.call("get_job", route={"job_id": job_id})
     assert code == 200 and view["stage"] == "canceled"
     assert view["segments"]["running"] == 0  # it showed the segments that ran when it was canceled
+
+
+def test_a_job_terminated_outside_the_api_is_stopped_by_cancel(stack: Stack, clip: Path) -> None:
+    """An operator's terminate (Durable's own endpoint or tools) ends the orchestration without its cleanup: its
+    Batch job went on running its tasks, and cancel answered 409 "already Terminated". Cancel now ends the run."""
+    job_id = stack.start(stack.put(clip), style="7")
+    wait_until(lambda: any(t.startswith("seg") for t in stack.running()), what="a segment task to run")
+    assert stack.host.terminate(job_id, "by an operator")
+    wait_terminated(stack, job_id)
+    code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+    assert code == 202 and reply == {"id": job_id, "stage": "canceled", "cleanup": "done"}
+    assert_nothing_left(stack, job_id)
+    code, reply = stack.call("cancel_job", "POST", route={"job_id": job_id})
+    assert code == 409 and "already Terminated" in reply["error"]
 
 
 def test_cancel_during_stitching_publishes_nothing(stack: Stack, clip: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Faults are real: worker processes are killed, inputs are broken files.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import threading
@@ -151,6 +152,87 @@ def test_a_failed_job_shows_the_progress_it_had_made(local_app, clip: Path) -> N
     assert code == 200 and view["stage"] == "failed"
     assert view["segments"]["done"] >= 1 and view["segments"]["running"] == 0
     assert view["frames"]["done"] == 25 * view["segments"]["done"]  # 25 fps, 1-second segments
+
+
+def test_a_job_keeps_its_created_time_and_urls_across_continue_as_new(local_app, clip: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continue-as-new moves an instance's created time (Azure's backend does, and so does the local host): the
+    job's "created" stays its own start, so a long job keeps its place in GET /api/jobs. The 202 answer's URLs
+    are the job's status and cancel endpoints."""
+    from orchestrators import stylize_video as stylize_module
+
+    monkeypatch.setattr(stylize_module, "TICKS_PER_EXECUTION", 1)  # a new execution every poll
+    host, svc = local_app
+    code, reply = call(host, "create_job", "POST", {"input": put_input(svc, clip), "style": "7", "temporal": 0})
+    job_id = reply["id"]
+    assert code == 202 and reply == {"id": job_id, "status_url": f"http://localhost/api/jobs/{job_id}",
+                                     "cancel_url": f"http://localhost/api/jobs/{job_id}/cancel"}
+    status = wait(host, job_id)
+    assert status["runtimeStatus"] == "Completed", status
+    started = json.loads(status["input"])["state"]["started"]  # the input of the last execution: it continued
+    code, view = call(host, "get_job", route={"job_id": job_id})
+    assert code == 200 and view["created"] == started and "started" not in view
+    moved = dt.datetime.fromisoformat(status["createdTime"].replace("Z", "+00:00"))
+    assert dt.datetime.fromisoformat(started) < moved  # what the instance itself now says
+    assert [job["created"] for job in call(host, "list_jobs")[1]["jobs"]] == [started]
+
+
+def test_the_same_job_posted_twice_at_once_answers_both(local_app, clip: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two identical POSTs whose checks both ran before either started the job: the second start finds the
+    instance there (the Durable API refuses it) and answers 202 with the same job; it answered 500."""
+    host, svc = local_app
+    body = {"input": put_input(svc, clip), "style": "7", "temporal": 0}
+    first = call(host, "create_job", "POST", body)
+    exists, writing = function_app._exists, function_app._writing
+    raced: list[str] = []
+
+    async def not_yet(starter, job_id, restartable=False):  # what the second request saw, a moment too early
+        if not raced:
+            raced.append(job_id)
+            return False
+        return await exists(starter, job_id, restartable)
+
+    async def nobody(starter, output_name, **kwargs):
+        return None if len(raced) == 1 else await writing(starter, output_name, **kwargs)
+
+    monkeypatch.setattr(function_app, "_exists", not_yet)
+    monkeypatch.setattr(function_app, "_writing", nobody)
+    second = call(host, "create_job", "POST", body)
+    assert raced == [first[1]["id"]] and first[0] == 202 and second == first
+    assert wait(host, first[1]["id"])["runtimeStatus"] == "Completed"
+
+
+def test_a_completed_job_whose_cleanup_failed_says_so(tmp_path: Path, clip: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The video is published, then removing its work files fails on every attempt: the job has succeeded, and
+    GET says what is left (it showed nothing for a completed job); a cancel then finishes the cleanup."""
+    from pipeline import jobs
+
+    settings = Settings(storage="local", storage_root=tmp_path / "storage", compute="local", local_workers=2,
+                        poll_seconds=0.2, segment_seconds=1.0, activity_retry_seconds=0.1)
+    svc = runtime.configure(settings)
+    remove_work = jobs._remove_work
+
+    def unreachable(job, services):
+        raise ConnectionError("work container unreachable")
+
+    monkeypatch.setattr(jobs, "_remove_work", unreachable)
+    try:
+        with LocalDurableHost(function_app.app, max_workers=4) as host:
+            job_id = start(host, input=put_input(svc, clip), style="7", temporal=0)
+            assert wait(host, job_id)["runtimeStatus"] == "Completed"
+            code, view = call(host, "get_job", route={"job_id": job_id})
+            assert code == 200 and view["stage"] == "completed"
+            assert view["cleanup"] == "incomplete: ConnectionError: work container unreachable"
+            assert svc.storage.list_names("work") != []  # what is left
+            monkeypatch.setattr(jobs, "_remove_work", remove_work)
+            code, reply = call(host, "cancel_job", "POST", route={"job_id": job_id})
+            assert code == 202 and reply == {"id": job_id, "stage": "completed", "cleanup": "done"}
+            assert "cleanup" not in call(host, "get_job", route={"job_id": job_id})[1]
+            assert svc.storage.list_names("work") == [] and svc.storage.list_names("output") != []
+    finally:
+        svc.compute.close()
 
 
 def test_unknown_job_is_404(local_app) -> None:
