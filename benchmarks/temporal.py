@@ -13,13 +13,14 @@ frames (OpenCV DIS, medium preset, full resolution: not the flow the method itse
              over frame pairs. Lower is steadier.
   ghosting   mean absolute difference, in levels of 255, between an output and the same method's per-frame
              output over the pixels the previous frame cannot explain (disoccluded): what the past smears in.
-  boundary   with 2-second segments through `stylize run` (bikes and Big Buck Bunny): E_warp of the pairs that
-             straddle a segment boundary over the median pair's, over their neighbours', and over the same
-             pairs' E_warp in a one-segment run of the same clip (what the join itself adds, whatever the
-             content there).
+  boundary   with 2-second segments through `stylize run` (bikes, Big Buck Bunny, and a camera pan across a
+             still picture, where every pair has the same motion): E_warp of the pairs that straddle a segment
+             boundary over the median pair's, over their neighbours', and over the same pairs' E_warp in a
+             one-segment run of the same clip (what the join itself adds, whatever the content there).
   keyframes  the worker's lossless output encoded by its own writer in 2-second segments, and in one piece
              with a keyframe forced at each join: each join pair's E_warp over the same pair in a plain
-             one-piece encode. What a join leaves beyond a keyframe's pulse is the join's own.
+             one-piece encode. What a join leaves beyond a keyframe's pulse is the join's own. Beside it, the
+             pulse of the keyframes x264 places by itself in the one-piece encode, over its median pair.
   warm-up    with lossless output, how far a task's first frames are from the one-segment run's, for several
              warm-up lengths and the worker's own: what is left of the blend state's difference at a join.
   cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
@@ -62,6 +63,26 @@ MEASURABLE = 0.25
 def frames_of(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def pan_clip(work: Path, frames: int = 300, step: float = 2) -> Path:
+    """A camera pan: a 640x360 window moving ``step`` pixels a frame across Big Buck Bunny's first frame at
+    1280x720, 25 fps. Every pair of frames has the same motion and the same kind of picture, so the median pair
+    is a fair yardstick for the pairs at the joins; 300 frames also hold one keyframe x264 places on its own
+    (its default keyint is 250)."""
+    picture = frames_of(sample_clip("bigbuckbunny.mp4"))[0]
+    path = work / "pan.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+        stream.options = {"crf": "16"}
+        for i in range(frames):
+            shift = np.float32([[1, 0, -step * i], [0, 1, 0]])
+            frame = av.VideoFrame.from_ndarray(cv2.warpAffine(picture, shift, (640, 360)), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
 
 
 def cut_clip(work: Path) -> Path:
@@ -224,7 +245,9 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
     """What is left at a join is the encoder's: the worker's lossless output for the whole clip, encoded by the
     worker's own writer in 2-second segments (as the tasks do), in one piece, and in one piece with a keyframe
     forced at each join (as any encode with 2-second GOPs has). Each join pair's E_warp over the one-piece
-    encode's: a join that costs no more than a keyframe has nothing left that the blend could fix."""
+    encode's: a join that costs no more than a keyframe has nothing left that the blend could fix. Also the
+    keyframes x264 places by itself in the one-piece encode (every 250 frames at most, and at scene changes),
+    each pair against that encode's median pair, beside the joins against the segmented encode's median."""
     from gpu_worker import media
     from gpu_worker.runner import EncoderOptions, run_range
     from gpu_worker.scoring import StyleScorer
@@ -240,8 +263,9 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
         time_base, rate = stream.time_base, stream.average_rate
     frames, pts = np.stack([f.to_ndarray(format="rgb24") for f in decoded]), [f.pts for f in decoded]
 
-    def encode(pieces: list[tuple[int, int]], keyframes: tuple[int, ...] = ()) -> np.ndarray:
-        decoded = []
+    def encode(pieces: list[tuple[int, int]], keyframes: tuple[int, ...] = ()) -> tuple[np.ndarray, list[int]]:
+        """The decoded frames, and the indices of those coded as keyframes."""
+        decoded, coded_key = [], []
         for a, b in pieces:
             writer = media.SegmentWriter(work / "keyframes.mp4", width=frames.shape[2], height=frames.shape[1],
                                          time_base=time_base, sample_aspect_ratio=Fraction(1), frame_rate=rate,
@@ -252,18 +276,27 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
                     frame.pict_type = av.video.frame.PictureType.I
                 writer.write(frame, pts[i])
             writer.commit(continues=b < len(frames))  # as a task whose range ends before the video does
-            decoded.append(frames_of(work / "keyframes.mp4"))
-        return np.concatenate(decoded)
+            with av.open(str(work / "keyframes.mp4")) as container:
+                piece = list(container.decode(video=0))
+            coded_key += [a + n for n, f in enumerate(piece) if f.key_frame]
+            decoded.append(np.stack([f.to_ndarray(format="rgb24") for f in piece]))
+        return np.concatenate(decoded), coded_key
 
     flows = Flows(np.stack([cv2.resize(f, frames.shape[2:0:-1], interpolation=cv2.INTER_AREA)
                             for f in frames_of(clip)]))
     bounds = [0, *joins, len(frames)]
-    one = np.array(flows.e_warp(encode([(0, len(frames))])))
+    whole, own = encode([(0, len(frames))])
+    one = np.array(flows.e_warp(whole))
     result: dict = {"clip": clip.name}
-    for label, output in (("segments", encode(list(pairwise(bounds)))),
-                          ("keyframes", encode([(0, len(frames))], tuple(joins)))):
+    for label, (output, _) in (("segments", encode(list(pairwise(bounds)))),
+                               ("keyframes", encode([(0, len(frames))], tuple(joins)))):
         errors = np.array(flows.e_warp(output))
         result[label] = [round(float(errors[i - 1] / one[i - 1]), 2) for i in joins if not np.isnan(one[i - 1])]
+        if label == "segments":
+            result["segments_vs_median"] = [round(float(errors[i - 1] / np.nanmedian(errors)), 2)
+                                            for i in joins if not np.isnan(errors[i - 1])]
+    result["own_keyframes"] = {str(i): round(float(one[i - 1] / np.nanmedian(one)), 2)
+                               for i in own if i > 0 and not np.isnan(one[i - 1])}
     return result
 
 
@@ -316,7 +349,7 @@ def main() -> int:
     parser.add_argument("--clips", default="bikes,bbb,cut")
     parser.add_argument("--temporal", default=str(DEFAULT_TEMPORAL), help="values to measure, e.g. 0.6,0.8,0.9")
     parser.add_argument("--no-boundaries", action="store_true")
-    parser.add_argument("--boundary-clips", default="bikes,bbb", help="clips to split into 2-second segments")
+    parser.add_argument("--boundary-clips", default="bikes,bbb,pan", help="clips to split into 2-second segments")
     parser.add_argument("--no-cost", action="store_true")
     parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "temporal-cpu.json")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "temporal-bikes.jpg",
@@ -333,7 +366,8 @@ def main() -> int:
             clip = cut_clip(work) if name == "cut" else clips[name]
             rows.append(measure_clip(name, clip, work, temporals, args.figure if not rows else None))
             print(json.dumps(rows[-1]), flush=True)
-        joined = [] if args.no_boundaries else [clips[name] for name in filter(None, args.boundary_clips.split(","))]
+        joined = [] if args.no_boundaries else [pan_clip(work) if name == "pan" else clips[name]
+                                                for name in filter(None, args.boundary_clips.split(","))]
         boundaries = [measure_boundaries(clip, work) for clip in joined]
         keyframes = [measure_keyframes(clip, work) for clip in joined]
         warmup = None if args.no_boundaries else measure_warmup(clips["bikes"], work)
@@ -364,7 +398,8 @@ def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict],
                   f"{b['vs_unsplit']} × the same pairs' in one segment")
     for k in keyframes:
         print(f"the joins of {k['clip']} in the worker's encoder, over the same pairs in one encode: segments "
-              f"{k['segments']}, one encode with a keyframe at each join {k['keyframes']}")
+              f"{k['segments']}, one encode with a keyframe at each join {k['keyframes']}; over the median pair: "
+              f"joins {k['segments_vs_median']}, x264's own keyframes in one encode {k['own_keyframes']}")
     if warmup:
         print(f"warm-up (lossless, {warmup['clip']}, ranges from {warmup['starts_s']} s): mean |segment - one "
               "segment| in levels at its first frame / 5 frames on")
