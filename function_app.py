@@ -12,10 +12,13 @@ import hashlib
 import json
 import logging
 import re
+import urllib.request
 
 import azure.durable_functions as df
 import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob_sdk
+from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrchestrationStatus
+from azure.durable_functions.models.RpcManagementOptions import RpcManagementOptions
 
 from activities.job_steps import bp as activities
 from gpu_worker.errors import InputError
@@ -38,6 +41,7 @@ ACTIVE = {"Pending", "Running", "ContinuedAsNew", "Suspended"}  # Suspended: by 
 # What pipeline.jobspec.instance_id makes. Anything else is no job of ours, and goes nowhere near the Durable
 # management API, whose URL the SDK builds from the id unquoted (an id with "?" or "/" would add to that URL).
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+CONTINUATION = "x-ms-continuation-token"  # the management API's next-page header
 
 
 @app.function_name("on_video_uploaded")
@@ -135,7 +139,7 @@ async def get_job(req: func.HttpRequest, starter: df.DurableOrchestrationClient)
 @app.durable_client_input(client_name="starter")
 async def list_jobs(req: func.HttpRequest, starter: df.DurableOrchestrationClient) -> func.HttpResponse:
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=7)
-    statuses = await starter.get_status_by(created_time_from=since)
+    statuses = await _statuses(starter, created_time_from=since)
     views = sorted((_view(s) for s in statuses if s.name == ORCHESTRATION), key=lambda v: v["created"] or "",
                    reverse=True)
     return _json(200, {"jobs": views[:100]})
@@ -196,7 +200,7 @@ async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
     ``except_stale``'s input (container, name) that planned its work on another version than ``except_stale``'s
     ETag — the input has been replaced under it, so it will publish nothing (pipeline.jobs.finalize)."""
     running = [df.OrchestrationRuntimeStatus[name] for name in sorted(ACTIVE)]
-    for status in await starter.get_status_by(runtime_status=running):
+    for status in await _statuses(starter, runtime_status=running):
         job = _job_of(status)
         if job is None or job.output_name != output_name or (job.input_container, job.input_name) == except_input:
             continue
@@ -206,6 +210,27 @@ async def _writing(starter: df.DurableOrchestrationClient, output_name: str,
                 continue
         return status.instance_id
     return None
+
+
+async def _statuses(starter: df.DurableOrchestrationClient, **query) -> list[DurableOrchestrationStatus]:
+    """Every instance that ``query`` (get_status_by's filters) matches. The extension answers a page at a time
+    (100 by default) and says where the next one starts in a header, which the SDK's get_status_by ignores: past
+    100 jobs it missed the newest ones and running ones another would overwrite."""
+    url = RpcManagementOptions(**query).to_url(starter._orchestration_bindings.rpc_base_url)
+    return await asyncio.to_thread(_pages, url)
+
+
+def _pages(url: str) -> list[DurableOrchestrationStatus]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the host's own endpoint, as the SDK
+    found: list[dict] = []
+    token = None
+    while True:
+        headers = {CONTINUATION: token} if token else {}
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=60) as response:
+            found += json.loads(response.read() or b"[]")
+            token = response.headers.get(CONTINUATION)
+        if not token or token == "null":
+            return [DurableOrchestrationStatus.from_json(item) for item in found]
 
 
 def _view(status: df.DurableOrchestrationStatus) -> dict:

@@ -8,7 +8,10 @@ work too:
 
     POST   {rpc}orchestrators/{name}[/{id}]          start_new   202 + management payload
     GET    {rpc}instances/{id}?showHistory=...         get_status  200 done / 202 running / 404 empty
-    GET    {rpc}instances/?runtimeStatus=...           get_status_all / get_status_by  200 + list
+    GET    {rpc}instances/?runtimeStatus=...           get_status_all / get_status_by  200 + one page of the list
+                                                       (``top``, default 100, as the extension pages it; the
+                                                       next page's token in x-ms-continuation-token, which the
+                                                       SDK ignores: function_app follows it)
     POST   {rpc}instances/{id}/terminate?reason=       terminate   202 / 410 finished / 404
     POST   {rpc}instances/{id}/raiseEvent/{event}      raise_event 202 / 410 finished / 404 / 400
     DELETE {rpc}instances/{id}                         purge       200 {"instancesDeleted": 1} / 404
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from local.durable_host import LocalDurableHost
 
 RPC_PREFIX = "/durabletask/"
+CONTINUATION = "x-ms-continuation-token"
+PAGE_SIZE = 100  # the extension's default for an instance query without `top`
 WEBHOOK_PREFIX = "/runtime/webhooks/durabletask/"
 INSTANCE_PLACEHOLDER = "INSTANCEID"
 
@@ -59,6 +64,7 @@ class DurableHttpApi:
 
     def __init__(self, host: LocalDurableHost) -> None:
         self.host = host
+        self.page_size = PAGE_SIZE
         api = self
 
         class Handler(_Handler):
@@ -121,7 +127,8 @@ class DurableHttpApi:
         })
 
     # -------------------------------------------------------------- request handling
-    def handle(self, method: str, raw_path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
+    def handle(self, method: str, raw_path: str, body: bytes,
+               continuation: str | None = None) -> tuple[int, Any, dict[str, str]]:
         """Route one request; returns (status, JSON payload or None for an empty body, headers)."""
         parts = urlsplit(raw_path)
         query = parse_qs(parts.query)
@@ -143,7 +150,7 @@ class DurableHttpApi:
                 instance_id = segments[1] if len(segments) > 1 else ""
                 if len(segments) <= 2:
                     if method == "GET":
-                        return self._get(instance_id, query)
+                        return self._get(instance_id, query, continuation)
                     if method == "DELETE":
                         return self._purge(instance_id, query)
                 elif method == "POST" and segments[2] == "terminate" and len(segments) == 3:
@@ -171,7 +178,8 @@ class DurableHttpApi:
         payload = self.management_urls(inst.instance_id)
         return 202, payload, {"Location": payload["statusQueryGetUri"], "Retry-After": "10"}
 
-    def _get(self, instance_id: str, query: dict[str, list[str]]) -> tuple[int, Any, dict[str, str]]:
+    def _get(self, instance_id: str, query: dict[str, list[str]],
+             continuation: str | None = None) -> tuple[int, Any, dict[str, str]]:
         show_input = _flag(query, "showInput", True)
         if not instance_id:
             statuses = [s.strip() for v in query.get("runtimeStatus", []) for s in v.split(",") if s.strip()]
@@ -181,7 +189,9 @@ class DurableHttpApi:
                 created_to=_parse_time((query.get("createdTimeTo") or [None])[0]),
                 instance_id_prefix=(query.get("instanceIdPrefix") or [None])[0],
                 show_input=show_input)
-            return 200, found, {}
+            start, size = int(continuation or 0), int((query.get("top") or [self.page_size])[0])
+            more = {CONTINUATION: str(start + size)} if start + size < len(found) else {}
+            return 200, found[start:start + size], more
         status = self.host.status(instance_id, show_history=_flag(query, "showHistory", False),
                                   show_history_output=_flag(query, "showHistoryOutput", False),
                                   show_input=show_input)
@@ -240,7 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         try:
-            status, payload, headers = self.owner.handle(self.command, self.path, body)
+            status, payload, headers = self.owner.handle(self.command, self.path, body,
+                                                         self.headers.get(CONTINUATION))
         except Exception as exc:  # never drop the connection: report like the extension would
             status, payload, headers = 500, _error_body("Something went wrong while processing your request",
                                                         str(exc), type(exc).__name__), {}

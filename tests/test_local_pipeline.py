@@ -235,6 +235,23 @@ def test_a_completed_job_whose_cleanup_failed_says_so(tmp_path: Path, clip: Path
         svc.compute.close()
 
 
+def test_the_job_list_reads_every_page(local_app) -> None:
+    """The management API answers a page at a time (100 by default) with the next page's token in a header, which
+    the SDK's get_status_by ignores: past a page, GET /api/jobs missed jobs (and the check for another job writing
+    the same output missed it). Here a page holds 2."""
+    from gpu_worker.errors import InputError
+    from pipeline.jobspec import rejected_input
+
+    host, _ = local_app
+    host.http_api.page_size = 2
+    ids = [host.start("stylize_video", rejected_input("input", f"clip{i}.mp4", InputError("bad style")),
+                      instance_id=f"rejected-{i}") for i in range(5)]
+    for job_id in ids:
+        assert wait(host, job_id)["runtimeStatus"] == "Failed"
+    code, listing = call(host, "list_jobs")
+    assert code == 200 and sorted(job["id"] for job in listing["jobs"]) == ids
+
+
 def test_unknown_job_is_404(local_app) -> None:
     host, _ = local_app
     assert call(host, "get_job", route={"job_id": "nope"})[0] == 404
