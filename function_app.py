@@ -165,7 +165,10 @@ async def cancel_job(req: func.HttpRequest, starter: df.DurableOrchestrationClie
             return _error(409, f"job {job_id} is already {runtime}", "job_id")
         reason = (record or {}).get("reason") or ("canceled" if runtime == "Terminated" else runtime.lower())
     else:
-        await starter.terminate(job_id, "canceled by request")
+        await starter.terminate(job_id, "canceled by request")  # a finished instance: the SDK swallows the 410
+        after = await starter.get_status(job_id)
+        if after and after.runtime_status and after.runtime_status.name == "Completed":  # it finished meanwhile
+            return _error(409, f"job {job_id} is already Completed", "job_id")
         telemetry.job_canceled(job_id)
         reason = "canceled"
     body = {"id": job_id, "stage": "canceled" if reason == "canceled" else runtime.lower(), "cleanup": "done"}

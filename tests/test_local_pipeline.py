@@ -6,6 +6,7 @@ Faults are real: worker processes are killed, inputs are broken files.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import shutil
@@ -250,6 +251,26 @@ def test_the_job_list_reads_every_page(local_app) -> None:
         assert wait(host, job_id)["runtimeStatus"] == "Failed"
     code, listing = call(host, "list_jobs")
     assert code == 200 and sorted(job["id"] for job in listing["jobs"]) == ids
+
+
+def test_a_cancel_that_comes_as_the_job_completes_says_so(local_app, clip: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job completes between the cancel's status read and its terminate (which the SDK then ignores): the
+    cancel answers 409 "already Completed" and leaves the output; it answered "canceled" and cleaned up."""
+    host, svc = local_app
+    job_id = start(host, input=put_input(svc, clip), style="7", temporal=0)
+    terminate = df.DurableOrchestrationClient.terminate
+
+    async def too_late(self, instance_id, reason):
+        await asyncio.to_thread(wait, host, instance_id)
+        return await terminate(self, instance_id, reason)
+
+    monkeypatch.setattr(df.DurableOrchestrationClient, "terminate", too_late)
+    code, reply = call(host, "cancel_job", "POST", route={"job_id": job_id})
+    assert code == 409 and reply["error"] == f"job {job_id} is already Completed"
+    assert host.status(job_id)["runtimeStatus"] == "Completed"
+    assert call(host, "get_job", route={"job_id": job_id})[1]["stage"] == "completed"
+    assert svc.storage.list_names("output") == ["clip.json", "clip.mp4"]
 
 
 def test_unknown_job_is_404(local_app) -> None:
