@@ -30,6 +30,7 @@ FLUSH_TIMEOUT_SECONDS = 5.0
 # interval had not sent yet was lost, typically that last record.
 TERMINAL_FLUSH_SECONDS = 2.0
 _flushing = threading.Lock()  # one background flush at a time
+_flush_again = False  # a flush was asked for while one was under way
 COUNTERS = ("emitted", "sent", "export_failures", "dropped", "errors")
 
 log = logging.getLogger("stylize.telemetry")  # our own diagnostics (not exported)
@@ -84,15 +85,28 @@ def flush(timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
 
 def flush_soon(timeout: float = TERMINAL_FLUSH_SECONDS) -> None:
     """Start sending what was recorded so far now, on a thread of its own: the caller does not wait (telemetry
-    never slows a job, not even with the endpoint down), and a flush already under way covers the rest."""
-    if _exporter is None or not _flushing.acquire(blocking=False):
+    never slows a job, not even with the endpoint down). A flush already under way goes round once more for
+    what was recorded after it began (it used to be taken as covering it: the record then waited for the next
+    export interval)."""
+    global _flush_again
+    if _exporter is None:
+        return
+    if not _flushing.acquire(blocking=False):
+        _flush_again = True
         return
 
     def run() -> None:
+        global _flush_again
         try:
-            flush(timeout)
+            while True:
+                _flush_again = False
+                flush(timeout)
+                if not _flush_again:
+                    break
         finally:
             _flushing.release()
+        if _flush_again:  # asked for between the last round and the release
+            flush_soon(timeout)
 
     threading.Thread(target=run, name="telemetry-flush", daemon=True).start()
 
