@@ -94,18 +94,14 @@ def flush_soon(timeout: float = TERMINAL_FLUSH_SECONDS) -> None:
     if not _flushing.acquire(blocking=False):
         _flush_again = True
         return
+    _flush_again = False
 
     def run() -> None:
-        global _flush_again
         try:
-            while True:
-                _flush_again = False
-                flush(timeout)
-                if not _flush_again:
-                    break
+            flush(timeout)
         finally:
             _flushing.release()
-        if _flush_again:  # asked for between the last round and the release
+        if _flush_again:
             flush_soon(timeout)
 
     threading.Thread(target=run, name="telemetry-flush", daemon=True).start()
