@@ -28,11 +28,14 @@ from tests.media_helpers import frame_times, make_clip_with_audio, video_stream_
 from tests.stacks import run_id
 
 
+def local_settings(tmp_path: Path, **changes) -> Settings:
+    return Settings(**{"storage": "local", "storage_root": tmp_path / "storage", "compute": "local",
+                       "local_workers": 2, "poll_seconds": 0.2, "segment_seconds": 1.0, "max_attempts": 3, **changes})
+
+
 @pytest.fixture
 def local_app(tmp_path: Path) -> Iterator[tuple[LocalDurableHost, runtime.Services]]:
-    settings = Settings(storage="local", storage_root=tmp_path / "storage", compute="local", local_workers=2,
-                        poll_seconds=0.2, segment_seconds=1.0, max_attempts=3)
-    svc = runtime.configure(settings)
+    svc = runtime.configure(local_settings(tmp_path))
     with LocalDurableHost(function_app.app, max_workers=4) as host:
         yield host, svc
     svc.compute.close()
@@ -210,9 +213,7 @@ def test_a_completed_job_whose_cleanup_failed_says_so(tmp_path: Path, clip: Path
     GET says what is left (it showed nothing for a completed job); a cancel then finishes the cleanup."""
     from pipeline import jobs
 
-    settings = Settings(storage="local", storage_root=tmp_path / "storage", compute="local", local_workers=2,
-                        poll_seconds=0.2, segment_seconds=1.0, activity_retry_seconds=0.1)
-    svc = runtime.configure(settings)
+    svc = runtime.configure(local_settings(tmp_path, activity_retry_seconds=0.1))
     remove_work = jobs._remove_work
 
     def unreachable(job, services):
