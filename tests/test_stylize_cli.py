@@ -227,6 +227,7 @@ def test_a_run_told_to_stop_cancels_and_leaves_nothing(stop: str, tmp_path: Path
 def _scoring(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> list:
     """The worker processes `stylize run` started, once one of them has written frames: a segment's progress file
     under ``folder`` (where the run's work folder is) counts some."""
+    import contextlib
     import time
 
     import psutil
@@ -238,7 +239,10 @@ def _scoring(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> list:
             return ""
 
     def frames_done() -> int:
-        counts = [path.read_text().strip() for path in folder.rglob("progress")]
+        counts = []
+        for path in folder.rglob("progress"):
+            with contextlib.suppress(OSError):  # removed meanwhile, with its task's folder
+                counts.append(path.read_text().strip())
         return max((int(c) for c in counts if c.isdigit()), default=0)
 
     parent = psutil.Process(proc.pid)
