@@ -49,7 +49,7 @@ def compiled_dir() -> Path:
 
 def cpu_fingerprint() -> str:
     """What an artifact compiled here needs of the CPU it runs on (architecture, model, ISA flags)."""
-    flags, model = "", platform.processor()
+    flags, model = "", ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -57,7 +57,8 @@ def cpu_fingerprint() -> str:
                 flags = " ".join(sorted(value.split()))
             elif key.strip() == "model name" and value.strip():
                 model = value.strip()
-    return f"{platform.machine()}|{model}|{flags}"
+    # platform.processor() forks `uname -p`: only where /proc/cpuinfo names no model
+    return f"{platform.machine()}|{model or platform.processor()}|{flags}"
 
 
 def artifact_path(name: str) -> Path:

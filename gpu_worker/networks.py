@@ -16,7 +16,6 @@ arbitrary-style pair take NHWC; the converter handles the layout).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import platform
 import sys
@@ -374,6 +373,7 @@ def tune_glibc_malloc() -> bool:
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # glibc's soname, not ctypes.util.find_library: that forks /sbin/ldconfig, from a process holding torch
+    libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
