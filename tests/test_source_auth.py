@@ -12,6 +12,7 @@ import pytest
 
 from gpu_worker import source_auth
 from gpu_worker.source_auth import STORAGE_API_VERSION, TokenError, http_headers, imds_token
+from tests import loopback
 from tests.fake_batch import FakeImds
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -78,13 +79,27 @@ def test_unknown_auth_mode_is_refused() -> None:
         http_headers({"WORKER_STORAGE_AUTH": "sas"})
 
 
-def test_worker_never_prints_the_token(imds: FakeImds, tmp_path) -> None:
-    """The worker fetches the token and uses it for its reads; neither its output nor its error shows it."""
+def test_worker_reads_with_the_token_and_never_prints_it(imds: FakeImds, tmp_path) -> None:
+    """The worker fetches the token and sends it with its reads of the source; neither its output nor its error
+    shows it. The stand-in for Blob Storage refuses the read as it refuses a token without read rights."""
+    seen: list[dict[str, str | None]] = []
+
+    class Blob(loopback.Handler):
+        def do_GET(self) -> None:
+            seen.append({name: self.headers.get(name) for name in ("Authorization", "x-ms-version")})
+            self.reply(403, "<?xml version=\"1.0\"?><Error><Code>AuthorizationPermissionMismatch</Code></Error>",
+                       {"Content-Type": "application/xml", "x-ms-error-code": "AuthorizationPermissionMismatch"})
+
+    blob = loopback.Server(Blob, "blob")
     env = {**os.environ, **imds_env(imds)}
     env.pop("WORKER_STORAGE_TOKEN", None)
-    missing = "http://127.0.0.1:9/input/missing.mp4"  # nothing listens: the read fails after the token fetch
-    proc = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", missing, "out.mp4", "-s", "0",
-                           "--scorer", "identity", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", f"{blob.url}/input/clip.mp4",
+                               "out.mp4", "-s", "0", "--scorer", "identity", "--json"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        blob.close()
     assert proc.returncode != 0 and len(imds.requests) == 1
+    assert seen and all(h == {"Authorization": f"Bearer {TOKEN}", "x-ms-version": STORAGE_API_VERSION} for h in seen)
     assert TOKEN not in proc.stdout + proc.stderr and "stand-in-token" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out.mp4").exists()

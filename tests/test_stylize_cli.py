@@ -138,8 +138,10 @@ def test_styles_contact_sheet(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     sheet = Image.open(tmp_path / "sheet.png")
     assert sheet.size == (7 * (96 + 6) + 6, 4 * (64 + 18 + 6) + 6)  # the original and 26 styles, 7 a row
-    tiles = {sheet.crop((6 + c * 102, 24, 6 + c * 102 + 96, 24 + 64)).tobytes() for c in range(7)}
-    assert len(tiles) == 7  # every style looks different
+    tiles = [sheet.crop((x, y, x + 96, y + 64)) for n in range(27)
+             for x, y in [(6 + n % 7 * 102, 24 + n // 7 * 88)]]  # below each tile's label
+    assert set(tiles[0].getdata()) == {(200, 120, 40)}  # the original first
+    assert len({tile.tobytes() for tile in tiles}) == 27  # then every style, each looking different
 
 
 def test_function_app_does_not_import_torch() -> None:
