@@ -14,15 +14,20 @@ frames (OpenCV DIS, medium preset, full resolution: not the flow the method itse
   ghosting   mean absolute difference, in levels of 255, between an output and the same method's per-frame
              output over the pixels the previous frame cannot explain (disoccluded): what the past smears in.
   boundary   with 2-second segments through `stylize run` (bikes, Big Buck Bunny, and a camera pan across a
-             still picture, where every pair has the same motion): E_warp of the pairs that straddle a segment
-             boundary over the median pair's, over their neighbours', and over the same pairs' E_warp in a
-             one-segment run of the same clip (what the join itself adds, whatever the content there).
+             still picture, where every pair has the same motion), also with the workers' output lossless:
+             E_warp of the pairs that straddle a segment boundary over the median pair's, over their
+             neighbours', and over the same pairs' E_warp in a one-segment run of the same clip (what the join
+             itself adds, whatever the content there).
   keyframes  the worker's lossless output encoded by its own writer in 2-second segments, and in one piece
              with a keyframe forced at each join: each join pair's E_warp over the same pair in a plain
              one-piece encode. What a join leaves beyond a keyframe's pulse is the join's own. Beside it, the
              pulse of the keyframes x264 places by itself in the one-piece encode, over its median pair.
+  floor      one stylized picture panned under a window, encoded by the worker's writer: as steady as
+             stylized video can be. Its keyframe pair over its median pair is what any keyframe, and so any join,
+             measures on such output, whatever the stage does.
   warm-up    with lossless output, how far a task's first frames are from the one-segment run's, for several
-             warm-up lengths and the worker's own: what is left of the blend state's difference at a join.
+             warm-up lengths and the worker's own, on bikes and on the pan: what is left of the blend state's
+             difference at a join.
   cost       fps of the task command at 1280x720 with the default temporal over temporal 0.
 
 Prints a table with the CPU flags and writes benchmarks/results/temporal-cpu.json.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -213,18 +219,22 @@ def segment_joins(clip: Path, seconds: float = 2) -> tuple[list[int], list[float
 
 
 def measure_boundaries(clip: Path, work: Path) -> dict:
-    """`stylize run` in 2-second segments, with temporal on and off: each join's pair against the median
-    pair of the whole clip, against its neighbours (6 pairs each side), whose motion is like its own, and
-    against the same pair in a one-segment run."""
+    """`stylize run` in 2-second segments, with temporal on and off, and on with lossless output (the workers'
+    WORKER_X264_CRF=0: what the stage hands the encoder): each join's pair against the median pair of the whole
+    clip, against its neighbours (6 pairs each side), whose motion is like its own, and against the same pair in
+    a one-segment run."""
     joins, times = segment_joins(clip)
     result: dict = {"clip": clip.name, "segments": len(joins) + 1}
     flows = None
-    for label, value in (("temporal", DEFAULT_TEMPORAL), ("per-frame", 0.0)):
+    runs = (("temporal", DEFAULT_TEMPORAL, "18"), ("per-frame", 0.0, "18"),
+            ("temporal, lossless", DEFAULT_TEMPORAL, "0"))
+    for label, value, crf in runs:
         errors = {}
         for seconds in ("2", str(math.ceil(times[-1]) + 1)):  # joins every 2 s, then none
             out = work / f"segments-{label}-{seconds}.mp4"
             timed([str(BIN / "stylize"), "run", str(clip), "-s", "7", "--max-size", str(SIZE), "--segment-seconds",
-                   seconds, "--temporal", str(value), "-o", str(out), "--json"], cwd=REPO)
+                   seconds, "--temporal", str(value), "-o", str(out), "--json"], cwd=REPO,
+                  env={**os.environ, "WORKER_X264_CRF": crf})
             output = frames_of(out)
             if flows is None:
                 height, width = output.shape[1:3]
@@ -300,6 +310,37 @@ def measure_keyframes(clip: Path, work: Path) -> dict:
     return result
 
 
+def measure_codec_floor(work: Path, frames: int = 300, step: int = 2) -> dict:
+    """The median-pair yardstick's floor: a video as steady as stylized video can be, one stylized picture
+    (Big Buck Bunny's first frame at 1280x720, stylized once) panned ``step`` pixels a frame under a 640x360
+    window, encoded by the worker's writer at its CRF. Its pairs differ only by the coding; the keyframe x264
+    places by itself (frame 250) against the median pair is what any keyframe, and so any join, measures on
+    output that steady."""
+    from gpu_worker import media
+
+    source = frames_of(sample_clip("bigbuckbunny.mp4"))[0]
+    still = work / "floor-still.mp4"
+    timed([sys.executable, "-m", "gpu_worker", "stylize", str(sample_clip("bigbuckbunny.mp4")), str(still), "-s",
+           "7", "--max-size", "0", "--temporal", "0", "--crf", "0", "--end", "0.04"], cwd=REPO)
+    stylized = frames_of(still)[0]
+    height, width = 360, 640
+    windows = [np.s_[:height, step * i:step * i + width] for i in range(frames)]
+    flows = Flows(np.stack([source[w] for w in windows]))
+    writer = media.SegmentWriter(work / "floor.mp4", width=width, height=height, time_base=Fraction(1, 25),
+                                 sample_aspect_ratio=Fraction(1), frame_rate=Fraction(25), matrix="itu709")
+    for i, w in enumerate(windows):
+        writer.write(writer.yuv_frame(np.ascontiguousarray(stylized[w])), i)
+    writer.commit()
+    with av.open(str(work / "floor.mp4")) as container:
+        decoded = list(container.decode(video=0))
+    errors = np.array(flows.e_warp(np.stack([f.to_ndarray(format="rgb24") for f in decoded])))
+    median = float(np.nanmedian(errors))
+    return {"median_pair": median, "uncoded_median_pair": float(np.nanmedian(flows.e_warp(np.stack(
+                [stylized[w] for w in windows])))),
+            "own_keyframes": {str(i): round(float(errors[i - 1] / median), 2)
+                              for i, f in enumerate(decoded) if f.key_frame and i > 0}}
+
+
 def measure_warmup(clip: Path, work: Path, lengths: tuple[int, ...] = (0, 10, 20, 30)) -> dict:
     """How far a task's first frames are from the one-segment run's at the same place, for warm-up lengths k
     (and the worker's own), with lossless output so that only the blend state can differ: the mean absolute
@@ -370,19 +411,21 @@ def main() -> int:
                                                 for name in filter(None, args.boundary_clips.split(","))]
         boundaries = [measure_boundaries(clip, work) for clip in joined]
         keyframes = [measure_keyframes(clip, work) for clip in joined]
-        warmup = None if args.no_boundaries else measure_warmup(clips["bikes"], work)
+        # bikes, and the pan: on steady content a blend state that is rounded at each frame stops converging
+        warmup = [] if args.no_boundaries else [measure_warmup(clip, work) for clip in (clips["bikes"], pan_clip(work))]
+        floor = None if args.no_boundaries else measure_codec_floor(work)
         cost = None if args.no_cost else measure_cost(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, boundaries, keyframes, warmup, cost)
+    print_table(rows, boundaries, keyframes, warmup, floor, cost)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"cpu": cpu, "clips": rows, "boundaries": boundaries, "keyframes": keyframes,
-                                         "warmup": warmup, "cost": cost}, indent=2) + "\n")
+                                         "warmup": warmup, "codec_floor": floor, "cost": cost}, indent=2) + "\n")
     return 0
 
 
-def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict], warmup: dict | None,
-                cost: dict | None) -> None:
+def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict], warmups: list[dict],
+                floor: dict | None, cost: dict | None) -> None:
     print("\n| clip | output | E_warp (×1e-3) | vs per-frame | ghosting (levels) |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -391,7 +434,7 @@ def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict],
             print(f"| {r['clip']} {r['size']} | {label} | {value * 1000:.3f} | {r['e_warp_vs_per_frame'][label]:.2f}× "
                   f"| {'' if ghost is None else f'{ghost:.2f}'} |")
     for joins in boundaries:
-        for label in ("temporal", "per-frame"):
+        for label in ("temporal", "per-frame", "temporal, lossless"):
             b = joins[label]
             print(f"segment joins, {label} ({joins['segments']} segments of {joins['clip']}): "
                   f"{b['vs_median']} × the median pair's E_warp, {b['vs_neighbours']} × their neighbours', "
@@ -400,13 +443,17 @@ def print_table(rows: list[dict], boundaries: list[dict], keyframes: list[dict],
         print(f"the joins of {k['clip']} in the worker's encoder, over the same pairs in one encode: segments "
               f"{k['segments']}, one encode with a keyframe at each join {k['keyframes']}; over the median pair: "
               f"joins {k['segments_vs_median']}, x264's own keyframes in one encode {k['own_keyframes']}")
-    if warmup:
+    for warmup in warmups:
         print(f"warm-up (lossless, {warmup['clip']}, ranges from {warmup['starts_s']} s): mean |segment - one "
               "segment| in levels at its first frame / 5 frames on")
         for key, diffs in warmup.items():
             if key.startswith("k="):
                 mark = " (the worker's)" if key == f"k={warmup['default_k']}" else ""
                 print(f"  {key}{mark}: {diffs}")
+    if floor:
+        print(f"codec floor (one stylized picture panned, CRF 18): median pair {floor['median_pair'] * 1e4:.3f}e-4 "
+              f"(uncoded {floor['uncoded_median_pair'] * 1e4:.3f}e-4); x264's own keyframes over it "
+              f"{floor['own_keyframes']}")
     if cost:
         print(f"cost at {cost['size']}: {cost['fps_on']} fps on vs {cost['fps_off']} off ({cost['cost']:.1%})")
 

@@ -56,7 +56,11 @@ class TemporalBlender:
         self.temporal = temporal
         self._flow = cv2.DISOpticalFlow_create(FLOW_PRESET)
         self._forward_flow = cv2.DISOpticalFlow_create(FLOW_PRESET)  # a DIS object is not for two threads at once
-        self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (small grey source, output)
+        # (small grey source, output before rounding): rounded to whole levels at every frame, the running average
+        # had a dead zone (a difference under 0.5 / (1 - temporal) levels between two states never decayed), so on
+        # a steady camera pan two tasks were still 0.3-0.65 levels apart after the warm-up, and slow changes moved
+        # in steps.
+        self._previous: tuple[np.ndarray, np.ndarray] | None = None
         self.cuts = 0  # scene cuts seen (the state was reset)
 
     def blend(self, source: np.ndarray, stylized: np.ndarray) -> np.ndarray:
@@ -64,13 +68,13 @@ class TemporalBlender:
         if grey is None:
             return stylized
         if self._previous is None or self._previous[0].shape != grey.shape:
-            self._previous = (grey, stylized)
+            self._previous = (grey, stylized.astype(np.float32))
             return stylized
         previous_grey, previous_output = self._previous
         flow, confidence = self._trust(grey, previous_grey)
         if confidence.mean() < CUT_BELOW:
             self.cuts += 1
-            self._previous = (grey, stylized)
+            self._previous = (grey, stylized.astype(np.float32))
             return stylized
         height, width = stylized.shape[:2]
         # everything that needs judgement happens on the small frames; at full size only the warp and the blend
@@ -79,9 +83,9 @@ class TemporalBlender:
         warped = cv2.remap(previous_output, grid_x + flow[..., 0], grid_y + flow[..., 1], cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
         weight = cv2.resize(confidence, (width, height), interpolation=cv2.INTER_LINEAR) * np.float32(self.temporal)
-        output = cv2.blendLinear(warped, stylized, weight, 1 - weight)
+        output = cv2.blendLinear(warped, stylized.astype(np.float32), weight, 1 - weight)
         self._previous = (grey, output)
-        return output
+        return cv2.convertScaleAbs(output)  # rounded to the nearest level (the values are never negative)
 
     def _trust(self, grey: np.ndarray, previous_grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The backward flow (this frame → the previous one) and, per pixel, a confidence in 0..1 that the
