@@ -108,7 +108,9 @@ def test_segments_join_without_a_pop(pan: Path, tmp_path: Path) -> None:
     assert frame_times(joined) == times  # exact frames, no warm-up frame written
     errors = _pan_errors(_frames(joined))
     boundary, neighbours = errors[24], np.concatenate([errors[14:24], errors[25:35]])
-    assert boundary <= 1.5 * np.median(neighbours), (boundary, np.median(neighbours))
+    assert boundary <= 1.2 * np.median(neighbours), (boundary, np.median(neighbours))  # 1.06x here
+    unsplit = _pan_errors(_frames(_stylize(pan, tmp_path / "whole.mp4", 0.8)))
+    assert boundary <= 1.1 * unsplit[24], (boundary, unsplit[24])  # the same pair without a join: 1.00x here
     assert warmup_frames(0.8) <= 25  # the second part really did warm up on frames of the first
 
 
