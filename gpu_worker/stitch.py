@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, suppress
@@ -37,6 +38,7 @@ class StitchResult:
     video: dict | None = None  # the output video: size, pixel format, colour description, what was converted
     chapters: int = 0
     metadata: dict = field(default_factory=dict)  # the container tags carried (title, creation_time, …)
+    seconds: float = 0.0  # wall time, from the first segment's open to the output in place
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +54,7 @@ def stitch(
     segments = [s for s in segments if not _empty_file(s)]  # ranges that held no frames (runner.run_range)
     if not segments:
         raise InputError("the segments hold no video frames")
+    began = time.perf_counter()
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
     with ExitStack() as stack:
@@ -72,6 +75,7 @@ def stitch(
                 tmp.unlink()
             raise
     os.replace(tmp, output)
+    result.seconds = round(time.perf_counter() - began, 3)
     return result
 
 

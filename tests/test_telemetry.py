@@ -189,10 +189,13 @@ def test_job_records_reach_ingestion_with_segment_figures_and_dimensions(up_run:
         assert 0 < figures["latency_p50_ms"] <= figures["latency_p95_ms"] <= figures["latency_max_ms"]
         for key in ("decode_seconds", "score_seconds", "encode_seconds", "peak_rss_mb"):
             assert key in figures, key
+        # the worker's start-up: imports, network load, seek and warm-up, before its first frame is encoded
+        assert 0 < figures["first_frame_seconds"] < figures["seconds"] + 60
     assert sum(e["measurements"]["frames"] for e in segments) == 50  # 2 s at 25 fps
 
     stitched = events(envelopes, "StitchCompleted", job_id)
     assert len(stitched) == 1 and stitched[0]["measurements"]["frames"] == 50
+    assert stitched[0]["measurements"]["seconds"] > 0
 
     stages = {e["properties"]["stage"]: e["measurements"]["duration_seconds"]
               for e in events(envelopes, "StageCompleted", job_id)}

@@ -31,7 +31,8 @@ ACTIVITY_COMPLETED = "ActivityCompleted"
 
 # The worker's figures that SegmentCompleted carries as measurements (from the task's JSON summary).
 SEGMENT_FIGURES = ("frames", "seconds", "fps", "decode_seconds", "score_seconds", "encode_seconds",
-                   "peak_rss_mb", "peak_device_memory_mb", "batch_size", "first_pts_seconds", "last_pts_seconds")
+                   "peak_rss_mb", "peak_device_memory_mb", "batch_size", "first_pts_seconds", "last_pts_seconds",
+                   "first_frame_seconds")
 JOB_FIGURES = ("frames", "segments", "seconds", "retries")
 
 _TASK_ID = re.compile(r"^(?:seg(?P<segment>\d+)|(?P<stitch>stitch))-a(?P<attempt>\d+)$")
@@ -134,7 +135,7 @@ def _task_succeeded(job_id: str, task_id: str, summary: Mapping[str, Any]) -> li
     if stitch:
         dims = dimensions(job_id, "", task_id, attempt, node, "stitching", audio=summary.get("audio", ""))
         figures = {"frames": summary.get("frames"), "segments": summary.get("segments"),
-                   "video_seconds": summary.get("duration_seconds")}
+                   "video_seconds": summary.get("duration_seconds"), "seconds": summary.get("seconds")}
         return [Event(STITCH_COMPLETED, dims, measurements(figures))]
     device = str(summary.get("device") or "")
     gpu = _GPU_NAME.search(device)
