@@ -263,7 +263,8 @@ class BatchCompute:
             for task in self.client.list_tasks(job_name, filter="state eq 'running'", select=["id", "state"]):
                 states.setdefault(task.id, TaskState(task.id, "running"))
         if counts.completed > len(known):
-            listed = self.client.list_tasks(job_name, filter="state eq 'completed'", select=["id", "executionInfo"])
+            listed = self.client.list_tasks(job_name, filter="state eq 'completed'",
+                                            select=["id", "creationTime", "executionInfo"])
             new = [task for task in listed if task.id not in known]
             finished = list(self._readers.map(lambda task: self._completed_state(job_name, task), new))
             with self._lock:  # a state whose log could not be read (yet) is read again next time
@@ -444,15 +445,17 @@ class BatchCompute:
         info = task.execution_info
         code = info.exit_code if info else None
         result = _value(info.result) if info else None
+        started = info.start_time if info else None  # its last run's (a requeued task ran more than once)
+        queued = (started - task.creation_time).total_seconds() if started and task.creation_time else None
         if result == "success" or (result is None and code == 0 and not (info and info.failure_info)):
             stdout = self._read_log(job, task.id, STDOUT_LOG)
             summary = last_json_line(stdout or "")
-            return TaskState(task.id, "succeeded", exit_code=0 if code is None else code, summary=summary), \
-                stdout is not None
+            return TaskState(task.id, "succeeded", exit_code=0 if code is None else code, summary=summary,
+                             queued_seconds=queued), stdout is not None
         stderr = self._read_log(job, task.id, STDERR_LOG)
         failure = info.failure_info if info else None
-        return TaskState(task.id, "failed", exit_code=code, error=_failure_text(stderr or "", code, failure)), \
-            stderr is not None
+        return TaskState(task.id, "failed", exit_code=code, error=_failure_text(stderr or "", code, failure),
+                         queued_seconds=queued), stderr is not None
 
     def _read_log(self, job: str, task_id: str, name: str) -> str | None:
         """The tail of a log the node uploaded for the task: '' when there is none (the node could not upload

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class TaskState:
     exit_code: int | None = None
     error: str | None = None  # last stderr line(s) of a failed task
     summary: dict | None = None  # the worker's --json output; while running, {"frames": n} where the backend knows
+    # from the task's submission to the start of its process: waiting for a worker slot, or for a Batch node to
+    # be allocated, start and pull the image (None where the backend cannot say)
+    queued_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +137,7 @@ class _LocalJob:
     states: dict[str, TaskState] = field(default_factory=dict)
     canceled: bool = False
     version: int = 0  # count of its task changes
+    submitted: dict[str, float] = field(default_factory=dict)  # task id -> time.monotonic() at submit
     seen: int = 0  # the count its last poll answered
     # Held while a finished task's output is uploaded: delete waits for it, so no upload lands after cleanup.
     uploading: threading.Lock = field(default_factory=threading.Lock)
@@ -175,6 +180,7 @@ class LocalCompute:
             new = [t for t in tasks if t.id not in job.states]
             for task in new:
                 job.states[task.id] = TaskState(task.id, "pending")
+                job.submitted[task.id] = time.monotonic()
                 if task.args[:1] == ["stitch"]:
                     self._queue.appendleft((job, job_id, task))
                 else:
@@ -259,8 +265,11 @@ class LocalCompute:
                     return
                 job, job_id, task = self._queue.popleft()
                 job.states[task.id].state = "running"
+                queued = round(time.monotonic() - job.submitted[task.id], 3)
+                job.states[task.id].queued_seconds = queued
                 self._changed(job)
             final = self._run(job, job_id, task)
+            final.queued_seconds = queued
             with self._lock:
                 if not job.canceled:
                     job.states[task.id] = final

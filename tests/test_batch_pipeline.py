@@ -275,6 +275,9 @@ def test_backend_contract_resubmit_states_and_errors(azurite: str, fake: FakeBat
     wait_until(done, timeout=60)
     states = compute.poll("contract job/1")
     assert states["probe-ok"].state == "succeeded" and states["probe-ok"].summary["frames"] == len(frame_times(clip))
+    # from the task's creationTime to its executionInfo.startTime, as the service reports them
+    task = fake.job(job).tasks["probe-ok"]
+    assert states["probe-ok"].queued_seconds == pytest.approx((task.start - task.created).total_seconds(), abs=1e-3)
     bad = states["bad-input"]
     assert (bad.state, bad.exit_code, bad.error) == ("failed", 2, "error: no such file: /no/such/clip.mp4")
     upload = states["upload-fails"]

@@ -191,11 +191,12 @@ def test_job_records_reach_ingestion_with_segment_figures_and_dimensions(up_run:
             assert key in figures, key
         # the worker's start-up: imports, network load, seek and warm-up, before its first frame is encoded
         assert 0 < figures["first_frame_seconds"] < figures["seconds"] + 60
+        assert 0 <= figures["queued_seconds"] < 60  # submitted → started: waiting for a worker slot here
     assert sum(e["measurements"]["frames"] for e in segments) == 50  # 2 s at 25 fps
 
     stitched = events(envelopes, "StitchCompleted", job_id)
     assert len(stitched) == 1 and stitched[0]["measurements"]["frames"] == 50
-    assert stitched[0]["measurements"]["seconds"] > 0
+    assert stitched[0]["measurements"]["seconds"] > 0 and stitched[0]["measurements"]["queued_seconds"] >= 0
 
     stages = {e["properties"]["stage"]: e["measurements"]["duration_seconds"]
               for e in events(envelopes, "StageCompleted", job_id)}

@@ -32,7 +32,7 @@ ACTIVITY_COMPLETED = "ActivityCompleted"
 # The worker's figures that SegmentCompleted carries as measurements (from the task's JSON summary).
 SEGMENT_FIGURES = ("frames", "seconds", "fps", "decode_seconds", "score_seconds", "encode_seconds",
                    "peak_rss_mb", "peak_device_memory_mb", "batch_size", "first_pts_seconds", "last_pts_seconds",
-                   "first_frame_seconds")
+                   "first_frame_seconds", "queued_seconds")
 JOB_FIGURES = ("frames", "segments", "seconds", "retries")
 
 _TASK_ID = re.compile(r"^(?:seg(?P<segment>\d+)|(?P<stitch>stitch))-a(?P<attempt>\d+)$")
@@ -120,10 +120,12 @@ def job_canceled(job_id: str) -> list[Record]:
 
 
 def task_finished(job_id: str, task_id: str, state: str, summary: Mapping[str, Any] | None = None,
-                  exit_code: int | None = None, error: str | None = None) -> list[Record]:
-    """``SegmentCompleted``/``StitchCompleted`` with the worker's figures, or ``TaskFailed`` with its reason."""
+                  exit_code: int | None = None, error: str | None = None,
+                  queued_seconds: float | None = None) -> list[Record]:
+    """``SegmentCompleted``/``StitchCompleted`` with the worker's figures and the backend's queue wait, or
+    ``TaskFailed`` with its reason."""
     if state == "succeeded":
-        return _task_succeeded(job_id, task_id, summary or {})
+        return _task_succeeded(job_id, task_id, {**(summary or {}), "queued_seconds": queued_seconds})
     if state == "failed":
         return _task_failed(job_id, task_id, exit_code, error)
     return []
@@ -135,7 +137,8 @@ def _task_succeeded(job_id: str, task_id: str, summary: Mapping[str, Any]) -> li
     if stitch:
         dims = dimensions(job_id, "", task_id, attempt, node, "stitching", audio=summary.get("audio", ""))
         figures = {"frames": summary.get("frames"), "segments": summary.get("segments"),
-                   "video_seconds": summary.get("duration_seconds"), "seconds": summary.get("seconds")}
+                   "video_seconds": summary.get("duration_seconds"), "seconds": summary.get("seconds"),
+                   "queued_seconds": summary.get("queued_seconds")}
         return [Event(STITCH_COMPLETED, dims, measurements(figures))]
     device = str(summary.get("device") or "")
     gpu = _GPU_NAME.search(device)

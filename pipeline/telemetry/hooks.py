@@ -33,7 +33,7 @@ def tasks_polled(job_id: str, states: Mapping[str, Any]) -> None:
         for task_id, state in states.items():
             if state.state in ("succeeded", "failed") and _first_time(job_id, task_id):
                 lifecycle.emit(events.task_finished(job_id, task_id, state.state, state.summary,
-                                                    state.exit_code, state.error))
+                                                    state.exit_code, state.error, state.queued_seconds))
 
 
 def _first_time(job_id: str, task_id: str) -> bool:
