@@ -157,9 +157,11 @@ def _dropped(tracks: list[dict]) -> str:
 def _read_list(ref: str, headers: dict | None) -> list[str]:
     import urllib.request
 
+    from gpu_worker.source_auth import open_url
+
     try:
         if ref.startswith(("http://", "https://")):
-            with urllib.request.urlopen(urllib.request.Request(ref, headers=headers or {}), timeout=60) as response:
+            with open_url(urllib.request.Request(ref, headers=headers or {}), timeout=60) as response:
                 data = response.read()
         else:
             data = Path(ref).read_bytes()

@@ -7,6 +7,7 @@ frames and timestamps (B-frames, variable frame rate and all).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import struct
@@ -129,6 +130,8 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> S
         options["reconnect"] = "1"
         if http_headers:
             options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in http_headers.items())
+            # ffmpeg sends these headers on to wherever a redirect points; Blob Storage never redirects a read
+            options["max_redirects"] = "0"
         name = PurePosixPath(unquote(urlparse(source).path)).name  # as a local path reads; never the query
     else:
         if "://" in source or source.startswith(("concat:", "subfile,", "pipe:", "data:")):
@@ -155,6 +158,10 @@ def open_source(source: str, http_headers: Mapping[str, str] | None = None) -> S
         raise InputError(f"{name} is not a video file this service accepts (playlists, concat lists and "
                          "image sequences are refused)") from None
     except (av.error.FFmpegError, OSError) as exc:
+        if http_headers and is_url(source) and getattr(exc, "errno", None) == errno.EIO:
+            # what ffmpeg says of a redirect it may not follow (and of a connection that broke off)
+            raise InputError(f"cannot download {name}: input/output error (a redirect is not followed while a "
+                             "storage token is sent)") from None
         raise InputError(f"{name} is not a readable video ({getattr(exc, 'strerror', exc)})") from None
     if not container.streams.video:
         container.close()

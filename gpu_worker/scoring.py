@@ -20,6 +20,7 @@ import torch
 
 from gpu_worker.errors import InputError
 from gpu_worker.networks import MIN_SIDE, FrameStylizer, apply_options
+from gpu_worker.source_auth import open_url
 from gpu_worker.style_spec import StyleSpec
 
 MAX_STYLE_IMAGE_BYTES = 50 * 1024 * 1024
@@ -280,7 +281,7 @@ def load_style_image(ref: str, http_headers: Mapping[str, str] | None = None):
     try:
         if ref.startswith(("http://", "https://")):
             request = urllib.request.Request(ref, headers=dict(http_headers or {}))
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with open_url(request, timeout=60) as response:
                 data = response.read(MAX_STYLE_IMAGE_BYTES + 1)
         else:
             data = Path(ref).read_bytes()

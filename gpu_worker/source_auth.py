@@ -12,6 +12,7 @@ Plain paths and public URLs need no headers: with neither variable set this retu
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -32,6 +33,20 @@ _RETRY_STATUS = {404, 408, 410, 429, 500, 502, 503, 504}
 
 class TokenError(RuntimeError):
     """No storage token could be had; the message never contains a token."""
+
+
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        raise urllib.error.HTTPError(req.full_url, code, "a redirect, not followed with a storage token", headers, fp)
+
+
+def open_url(request: urllib.request.Request, timeout: float) -> http.client.HTTPResponse:
+    """``urllib.request.urlopen``, except that a request carrying a storage token follows no redirect: urllib
+    would send its Authorization header on to wherever the redirect points. Blob Storage never redirects a read.
+    (media.open_source does the same for ffmpeg's own HTTP client.)"""
+    if not request.has_header("Authorization"):
+        return urllib.request.urlopen(request, timeout=timeout)
+    return urllib.request.build_opener(_RefuseRedirect).open(request, timeout=timeout)
 
 
 def http_headers(env: dict[str, str] | None = None) -> dict[str, str] | None:

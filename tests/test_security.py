@@ -18,6 +18,8 @@ Which test checks which review item (`infra::` is tests/test_infra.py, `auth::` 
 | storage key never logged (storage, job, status API) | `test_blob_storage_and_job_status_never_log_the_account_key` |
 | storage token and SAS never reported | `test_remote_reads_never_report_the_token_or_the_sas`, |
 | | `auth::test_worker_reads_with_the_token_and_never_prints_it` |
+| storage token never sent on to a redirect's address | `auth::test_worker_follows_no_redirect_with_the_token`, |
+| | `auth::test_open_url_follows_no_redirect_with_the_token` |
 | `stylize status` never shows nor forwards its key | `test_stylize_status_never_shows_or_forwards_the_function_key` |
 | Batch tasks carry no token, key or SAS | `test_batch_tasks_carry_no_token_key_or_sas`, |
 | | `test_batch_refuses_storage_reached_through_a_sas` |

@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +105,56 @@ def test_worker_reads_with_the_token_and_never_prints_it(imds: FakeImds, tmp_pat
     assert seen and all(h == {"Authorization": f"Bearer {TOKEN}", "x-ms-version": STORAGE_API_VERSION} for h in seen)
     assert TOKEN not in proc.stdout + proc.stderr and "stand-in-token" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.fixture
+def redirect() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    """An address that redirects (302) to another loopback server; what each server saw, with its Authorization."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Elsewhere(loopback.Handler):
+        def do_GET(self) -> None:
+            seen.append(("elsewhere", self.headers.get("Authorization")))
+            self.reply(200, b"{}")
+
+    elsewhere = loopback.Server(Elsewhere, "elsewhere")
+
+    class Redirecting(loopback.Handler):
+        def do_GET(self) -> None:
+            seen.append(("storage", self.headers.get("Authorization")))
+            self.reply(302, "", {"Location": f"{elsewhere.url}{self.path}"})
+
+    storage = loopback.Server(Redirecting, "redirecting")
+    yield storage.url, seen
+    storage.close()
+    elsewhere.close()
+
+
+def test_worker_follows_no_redirect_with_the_token(redirect, tmp_path) -> None:
+    """ffmpeg sends the Authorization header on to wherever a redirect points; with the storage token it is not
+    let to follow one (Blob Storage never redirects a read): the task fails, naming why."""
+    url, seen = redirect
+    env = {**os.environ, "WORKER_STORAGE_TOKEN": TOKEN}
+    proc = subprocess.run([sys.executable, "-m", "gpu_worker", "stylize", f"{url}/input/clip.mp4", "out.mp4", "-s",
+                           "0", "--scorer", "identity"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: cannot download clip.mp4: input/output error (a redirect "
+                                                    "is not followed while a storage token is sent)")
+    assert seen == [("storage", f"Bearer {TOKEN}")]  # nothing reached the other address
+    assert TOKEN not in proc.stdout + proc.stderr and not (tmp_path / "out.mp4").exists()
+
+
+
+def test_open_url_follows_no_redirect_with_the_token(redirect) -> None:
+    """The worker's other reads (a style image, the stitch's segment list) go through source_auth.open_url: urllib
+    too would send the token on."""
+    url, seen = redirect
+    request = urllib.request.Request(f"{url}/styles/s.png", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError, match="not followed with a storage token"):
+        source_auth.open_url(request, timeout=10)
+    assert seen == [("storage", f"Bearer {TOKEN}")]
+    seen.clear()
+    with source_auth.open_url(urllib.request.Request(f"{url}/public.png"), timeout=10) as response:
+        assert response.status == 200  # without a token, a redirect is followed as before
+    assert seen == [("storage", None), ("elsewhere", None)]
