@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.media_helpers import frame_times, make_clip_with_audio
+from tests.processes import worker_processes
 from tests.stacks import open_stack
 
 JOBS = int(os.environ.get("STYLIZE_LOAD_JOBS", "3"))
@@ -39,9 +40,7 @@ def test_jobs_at_once_are_exact_separate_and_bounded(tmp_path: Path, monkeypatch
 
         def sample() -> None:
             while not done.is_set():
-                # the host's own children: a worker's child is not a slot (a fork shows its parent's command line
-                # until it execs)
-                workers = [c for c in host.children() if _cmdline(c)[1:3] == ["-m", "gpu_worker"]]
+                workers = worker_processes(host)
                 seen["workers"] = max(seen["workers"], len(stack.running()))
                 seen["processes"] = max(seen["processes"], len(workers))
                 seen["worker_rss"] = max(seen["worker_rss"], sum(_rss(w) for w in workers))
@@ -80,13 +79,6 @@ def test_jobs_at_once_are_exact_separate_and_bounded(tmp_path: Path, monkeypatch
         assert seen["worker_rss"] < WORKERS * 700 * mib
         # The host keeps orchestration state only: its growth must not scale with video bytes or job count.
         assert seen["host_rss"] - host_before < 150 * mib
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
 
 
 def _rss(process: psutil.Process) -> int:

@@ -234,11 +234,7 @@ def _scoring(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> list:
 
     import psutil
 
-    def command_line(process) -> str:
-        try:
-            return " ".join(process.cmdline())
-        except psutil.Error:  # ended meanwhile
-            return ""
+    from tests.processes import worker_processes
 
     def frames_done() -> int:
         counts = []
@@ -250,7 +246,7 @@ def _scoring(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> list:
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        workers = [c for c in parent.children(recursive=True) if "gpu_worker" in command_line(c)]
+        workers = worker_processes(parent)
         if workers and frames_done() > 0:
             return workers
         time.sleep(0.05)
